@@ -1,0 +1,1 @@
+"""entraflow: Microsoft Entra ID actions as automated flows, on Celery and Redis."""

@@ -1,0 +1,76 @@
+"""The one place configuration is read: `ENTRAFLOW_*` environment variables and a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
+DEFAULT_AUTHORITY_URL = "https://login.microsoftonline.com"
+DEFAULT_HOME = Path(".entraflow")
+
+# Graph's write budget per app and tenant: 3,000 requests per 150 s (GRAPH.md, "Throttling").
+DEFAULT_WRITES_PER_WINDOW = 3000
+DEFAULT_WRITE_WINDOW_S = 150.0
+# Graph's resource-unit budget per app and tenant for a tenant of more than 500 users.
+DEFAULT_RU_PER_WINDOW = 8000
+DEFAULT_RU_WINDOW_S = 10.0
+
+# Refetch an access token this long before Graph would refuse it.
+DEFAULT_TOKEN_REFRESH_MARGIN_S = 300.0
+# Waits up to this long are slept inside the worker; longer ones go back to the queue.
+DEFAULT_MAX_INPROCESS_WAIT_S = 5.0
+# Give up on a transient Graph error after this many attempts or this much time, whichever first.
+DEFAULT_MAX_GRAPH_ATTEMPTS = 8
+DEFAULT_MAX_GRAPH_RETRY_TIME_S = 180.0
+# Timeout of one HTTP request to Graph or the token endpoint (connect, read).
+DEFAULT_HTTP_TIMEOUT_S = 30.0
+# A step message delivered this many times without the step finishing fails the step.
+DEFAULT_MAX_STEP_DELIVERIES = 10
+
+
+class Settings(BaseSettings):
+    """Every setting of entraflow; see README.md, "Configuration"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ENTRAFLOW_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    home: Path = DEFAULT_HOME
+
+    graph_url: str = DEFAULT_GRAPH_URL
+    authority_url: str = DEFAULT_AUTHORITY_URL
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
+    writes_per_window: int = DEFAULT_WRITES_PER_WINDOW
+    write_window_s: float = DEFAULT_WRITE_WINDOW_S
+    ru_per_window: int = DEFAULT_RU_PER_WINDOW
+    ru_window_s: float = DEFAULT_RU_WINDOW_S
+
+    token_refresh_margin_s: float = DEFAULT_TOKEN_REFRESH_MARGIN_S
+    max_inprocess_wait_s: float = DEFAULT_MAX_INPROCESS_WAIT_S
+    max_graph_attempts: int = DEFAULT_MAX_GRAPH_ATTEMPTS
+    max_graph_retry_time_s: float = DEFAULT_MAX_GRAPH_RETRY_TIME_S
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
+    max_step_deliveries: int = DEFAULT_MAX_STEP_DELIVERIES
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under `home`."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'entraflow.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call `get_settings.cache_clear()` to re-read."""
+    return Settings()
