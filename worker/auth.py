@@ -1,0 +1,226 @@
+"""App-only Graph access tokens (OAuth 2.0 client credentials), cached until near expiry."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Protocol
+from urllib.parse import quote, urlsplit
+
+import requests
+from oauthlib.oauth2 import BackendApplicationClient, InsecureTransportError, OAuth2Error
+from pydantic import SecretStr
+from requests_oauthlib import OAuth2Session
+
+from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, DEFAULT_TOKEN_REFRESH_MARGIN_S, Settings
+from worker.errors import (
+    FIRST_SERVER_ERROR_STATUS,
+    RETRY_AFTER_HEADER,
+    AuthenticationError,
+    GraphConnectionError,
+    ServiceUnavailableError,
+    ThrottledError,
+)
+from worker.retry import parse_retry_after
+
+# The public cloud's Graph; other https Graph hosts (national clouds) use their own origin.
+PUBLIC_GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+DEFAULT_SCOPE_SUFFIX = "/.default"
+# Entra's usual `expires_in`, assumed when an answer carries none.
+ASSUMED_TOKEN_LIFETIME_S = 3599.0
+# However large the configured margin, use a token for at least this share of its life.
+MAX_REFRESH_MARGIN_FRACTION = 0.5
+# React to the OAuth `error` code; the description is only mined for these two ids.
+AADSTS_PATTERN = re.compile(r"\bAADSTS(\d+)\b")
+TRACE_ID_PATTERN = re.compile(r"Trace ID: ([0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})")
+# OAuth errors the authorization server uses for its own trouble (RFC 6749, section 5.2).
+TRANSIENT_OAUTH_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
+HINTS_BY_AADSTS = {
+    "7000215": "check ENTRAFLOW_CLIENT_SECRET",
+    "7000222": "ENTRAFLOW_CLIENT_SECRET has expired: create a new one",
+    "700016": "check ENTRAFLOW_CLIENT_ID and ENTRAFLOW_TENANT_ID",
+    "90002": "check ENTRAFLOW_TENANT_ID",
+}
+HINTS_BY_OAUTH_ERROR = {
+    "invalid_client": "check ENTRAFLOW_CLIENT_ID and ENTRAFLOW_CLIENT_SECRET",
+    "unauthorized_client": "check ENTRAFLOW_CLIENT_ID and ENTRAFLOW_TENANT_ID",
+    "invalid_request": "check ENTRAFLOW_TENANT_ID and ENTRAFLOW_AUTHORITY_URL",
+    "invalid_scope": "check ENTRAFLOW_GRAPH_URL",
+}
+DEFAULT_HINT = "check ENTRAFLOW_TENANT_ID, ENTRAFLOW_CLIENT_ID and ENTRAFLOW_CLIENT_SECRET"
+# requests-oauthlib logs the token request body (our secret) and the token at DEBUG here.
+OAUTH_SESSION_LOGGER = "requests_oauthlib.oauth2_session"
+
+SessionFactory = Callable[[BackendApplicationClient], OAuth2Session]
+
+
+class TokenProvider(Protocol):
+    """Anything that hands the Graph client a bearer token."""
+
+    def token(self, force_refresh: bool = False) -> str:
+        """A valid access token; a fresh one when `force_refresh`."""
+        ...
+
+
+class _DropDebugRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+_DROP_DEBUG_RECORDS = _DropDebugRecords()
+
+
+def new_oauth2_session(client: BackendApplicationClient) -> OAuth2Session:
+    """A plain requests-oauthlib session for `client`; tests pass one with a fake transport."""
+    return OAuth2Session(client=client)
+
+
+def scope_for_graph(graph_url: str) -> str:
+    """The `.default` scope of the Graph at `graph_url` (the public one for a local http server)."""
+    parts = urlsplit(graph_url)
+    if parts.scheme.lower() != "https" or not parts.netloc:
+        return PUBLIC_GRAPH_SCOPE
+    return f"https://{parts.netloc}{DEFAULT_SCOPE_SUFFIX}"
+
+
+class ClientCredentialsTokenProvider:
+    """Fetches app-only tokens from `{authority}/{tenant}/oauth2/v2.0/token`, one at a time."""
+
+    def __init__(
+        self,
+        authority_url: str,
+        tenant_id: str,
+        client_id: str,
+        client_secret: SecretStr,
+        *,
+        scope: str = PUBLIC_GRAPH_SCOPE,
+        session_factory: SessionFactory = new_oauth2_session,
+        refresh_margin_s: float = DEFAULT_TOKEN_REFRESH_MARGIN_S,
+        timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        tenant_segment = quote(tenant_id, safe="")
+        self.token_url = f"{authority_url.rstrip('/')}/{tenant_segment}/oauth2/v2.0/token"
+        self.scope = scope
+        self._client_secret = client_secret
+        self._refresh_margin_s = refresh_margin_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        # No scope on the session or its client: oauthlib then has nothing to compare Entra's
+        # answer with, and does not raise "Scope has changed" (no OAUTHLIB_RELAX_TOKEN_SCOPE).
+        self._session = session_factory(BackendApplicationClient(client_id=client_id))
+        self._session.register_compliance_hook("access_token_response", _refuse_unavailable)
+        logging.getLogger(OAUTH_SESSION_LOGGER).addFilter(_DROP_DEBUG_RECORDS)
+        self._lock = threading.Lock()
+        self._access_token: str | None = None
+        self._refresh_at = 0.0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, session_factory: SessionFactory = new_oauth2_session
+    ) -> ClientCredentialsTokenProvider:
+        """The provider for the app-only connection `settings` describe."""
+        tenant_id, client_id = settings.tenant_id, settings.client_id
+        secret = settings.client_secret
+        if not tenant_id or not client_id or secret is None or not secret.get_secret_value():
+            missing = [
+                variable
+                for variable, value in (
+                    ("ENTRAFLOW_TENANT_ID", tenant_id),
+                    ("ENTRAFLOW_CLIENT_ID", client_id),
+                    ("ENTRAFLOW_CLIENT_SECRET", secret.get_secret_value() if secret else None),
+                )
+                if not value
+            ]
+            raise AuthenticationError(
+                f"{', '.join(missing)} not set: an app-only Graph connection needs "
+                "ENTRAFLOW_TENANT_ID, ENTRAFLOW_CLIENT_ID and ENTRAFLOW_CLIENT_SECRET"
+            )
+        return cls(
+            settings.authority_url,
+            tenant_id,
+            client_id,
+            secret,
+            scope=scope_for_graph(settings.graph_url),
+            session_factory=session_factory,
+            refresh_margin_s=settings.token_refresh_margin_s,
+            timeout_s=settings.http_timeout_s,
+        )
+
+    def token(self, force_refresh: bool = False) -> str:
+        """The cached access token, fetched anew when forced or close to expiry."""
+        with self._lock:
+            if force_refresh or self._access_token is None or self._clock() >= self._refresh_at:
+                self._access_token, self._refresh_at = self._fetch()
+            return self._access_token
+
+    def _fetch(self) -> tuple[str, float]:
+        requested_at = self._clock()
+        try:
+            answer = self._session.fetch_token(
+                self.token_url,
+                client_secret=self._client_secret.get_secret_value(),
+                # Entra wants client_id and client_secret in the form body (GRAPH.md).
+                include_client_id=True,
+                scope=[self.scope],
+                timeout=self._timeout_s,
+            )
+        except InsecureTransportError as exc:
+            raise AuthenticationError(
+                f"the token endpoint {self.token_url} is plain http: oauthlib needs "
+                "OAUTHLIB_INSECURE_TRANSPORT=1 for that, which is only for a local test server"
+            ) from exc
+        except OAuth2Error as exc:
+            raise _refusal(exc) from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise GraphConnectionError(
+                f"token endpoint {self.token_url} did not answer ({type(exc).__name__})"
+            ) from exc
+        except requests.RequestException as exc:
+            raise AuthenticationError(
+                f"token request to {self.token_url} failed ({type(exc).__name__})"
+            ) from exc
+        lifetime_s = float(answer.get("expires_in") or ASSUMED_TOKEN_LIFETIME_S)
+        margin_s = min(self._refresh_margin_s, lifetime_s * MAX_REFRESH_MARGIN_FRACTION)
+        return str(answer["access_token"]), requested_at + lifetime_s - margin_s
+
+
+def _refuse_unavailable(response: requests.Response) -> requests.Response:
+    """Raise for a throttled or failing token endpoint before oauthlib parses its body."""
+    # oauthlib would report an unreadable error page as a missing token.
+    status = response.status_code
+    retry_after_s = parse_retry_after(response.headers.get(RETRY_AFTER_HEADER))
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
+        raise ThrottledError(
+            "token endpoint throttled us", status=status, retry_after_s=retry_after_s
+        )
+    if status >= FIRST_SERVER_ERROR_STATUS:
+        raise ServiceUnavailableError(
+            "token endpoint unavailable", status=status, retry_after_s=retry_after_s
+        )
+    return response
+
+
+def _refusal(exc: OAuth2Error) -> AuthenticationError | ServiceUnavailableError:
+    """Our error for an OAuth error answer: its code and AADSTS number, never its description."""
+    description = exc.description or ""
+    aadsts_match = AADSTS_PATTERN.search(description)
+    aadsts = aadsts_match.group(1) if aadsts_match else None
+    trace_match = TRACE_ID_PATTERN.search(description)
+    trace_id = trace_match.group(1) if trace_match else None
+    error_code = exc.error or type(exc).__name__
+    if error_code in TRANSIENT_OAUTH_ERRORS:
+        return ServiceUnavailableError(
+            f"token endpoint unavailable: {error_code}", code=error_code, request_id=trace_id
+        )
+    hint = HINTS_BY_AADSTS.get(aadsts or "") or HINTS_BY_OAUTH_ERROR.get(error_code, DEFAULT_HINT)
+    number = f" (AADSTS{aadsts})" if aadsts else ""
+    return AuthenticationError(
+        f"token request refused: {error_code}{number}: {hint}",
+        code=error_code,
+        request_id=trace_id,
+    )

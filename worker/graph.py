@@ -1,0 +1,220 @@
+"""The Graph client: one `requests` session, bearer tokens, error mapping and retries.
+
+One client is meant to be shared by every thread of a process: it keeps no per-request state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import requests
+
+from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
+from worker.addressing import check_next_link
+from worker.auth import (
+    ClientCredentialsTokenProvider,
+    SessionFactory,
+    TokenProvider,
+    new_oauth2_session,
+)
+from worker.errors import (
+    REQUEST_ID_HEADER,
+    GraphConnectionError,
+    PermanentGraphError,
+    error_from_response,
+)
+from worker.retry import RetryPolicy
+
+JSON_MEDIA_TYPE = "application/json"
+CLIENT_REQUEST_ID_HEADER = "client-request-id"
+# The official SDKs number each retry in this request header (GRAPH.md, "Throttling").
+RETRY_ATTEMPT_HEADER = "Retry-Attempt"
+NEXT_LINK_KEY = "@odata.nextLink"
+# Redirects are refused rather than followed: our bearer token goes to the Graph host only.
+FIRST_NON_SUCCESS_STATUS = 300
+
+# requests' ways of saying Graph gave no (complete) answer; worth another try.
+NO_ANSWER_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+
+# Called before every HTTP send with the method and the path below the Graph URL (or the
+# absolute URL of a next link), and after every answer, errors included: a shared rate
+# limiter plugs in here.
+BeforeRequest = Callable[[str, str], None]
+AfterResponse = Callable[[requests.Response], None]
+
+
+@dataclass(frozen=True)
+class GraphResponse:
+    """A successful Graph answer."""
+
+    status: int
+    data: Any
+    headers: Mapping[str, str]
+    request_id: str | None
+
+
+class GraphClient:
+    """Sends requests to Graph with a bearer token, retrying transient failures."""
+
+    def __init__(
+        self,
+        graph_url: str,
+        token_provider: TokenProvider,
+        *,
+        session: requests.Session | None = None,
+        retry_policy: RetryPolicy | None = None,
+        timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
+        before_request: BeforeRequest | None = None,
+        after_response: AfterResponse | None = None,
+    ) -> None:
+        self.graph_url = graph_url.rstrip("/")
+        self._token_provider = token_provider
+        self._session = session or requests.Session()
+        self._retry_policy = retry_policy or RetryPolicy()
+        self._timeout_s = timeout_s
+        self._before_request = before_request
+        self._after_response = after_response
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        session: requests.Session | None = None,
+        token_session_factory: SessionFactory = new_oauth2_session,
+    ) -> GraphClient:
+        """The client for the Graph and the app-only connection `settings` describe."""
+        return cls(
+            settings.graph_url,
+            ClientCredentialsTokenProvider.from_settings(
+                settings, session_factory=token_session_factory
+            ),
+            session=session,
+            retry_policy=RetryPolicy(
+                max_attempts=settings.max_graph_attempts,
+                max_total_s=settings.max_graph_retry_time_s,
+                max_inprocess_wait_s=settings.max_inprocess_wait_s,
+            ),
+            timeout_s=settings.http_timeout_s,
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> GraphResponse:
+        """Send `method path?params`; `path` and the `params` values come encoded from addressing.
+
+        The URL is built here, not by `requests`, which would encode `$select` as `%24select`.
+        """
+        url = self.graph_url + path
+        if params:
+            url += "?" + "&".join(f"{name}={value}" for name, value in params.items())
+        return self._request_url(method, url, json=json, headers=headers)
+
+    def get_all(
+        self, path: str, params: Mapping[str, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a collection, following `@odata.nextLink` on the Graph host only."""
+        response = self.request("GET", path, params=params)
+        while True:
+            data = response.data if isinstance(response.data, dict) else {}
+            yield from data.get("value", [])
+            next_link = data.get(NEXT_LINK_KEY)
+            if not next_link:
+                return
+            response = self._request_url("GET", check_next_link(str(next_link), self.graph_url))
+
+    def _request_url(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> GraphResponse:
+        # One id for the logical request, the same on every retry, so Graph's logs tie them up.
+        client_request_id = str(uuid.uuid4())
+        return self._retry_policy.call(
+            lambda retry_number: self._attempt(
+                method, url, json, headers or {}, client_request_id, retry_number
+            )
+        )
+
+    def _attempt(
+        self,
+        method: str,
+        url: str,
+        json: Any,
+        headers: Mapping[str, str],
+        client_request_id: str,
+        retry_number: int,
+    ) -> GraphResponse:
+        request_headers = {
+            "Accept": JSON_MEDIA_TYPE,
+            CLIENT_REQUEST_ID_HEADER: client_request_id,
+            **headers,
+        }
+        if retry_number:
+            request_headers[RETRY_ATTEMPT_HEADER] = str(retry_number)
+        response = self._send(method, url, json, request_headers, self._token_provider.token())
+        if response.status_code == HTTPStatus.UNAUTHORIZED:
+            # Tokens can be revoked or rolled before they expire: fetch a new one, once.
+            token = self._token_provider.token(force_refresh=True)
+            response = self._send(method, url, json, request_headers, token)
+        if response.status_code >= FIRST_NON_SUCCESS_STATUS:
+            raise error_from_response(response)
+        return GraphResponse(
+            status=response.status_code,
+            data=_json_or_none(response),
+            headers=response.headers,
+            request_id=response.headers.get(REQUEST_ID_HEADER),
+        )
+
+    def _send(
+        self, method: str, url: str, json: Any, headers: Mapping[str, str], token: str
+    ) -> requests.Response:
+        target = url.removeprefix(self.graph_url)
+        if self._before_request:
+            self._before_request(method, target)
+        try:
+            response = self._session.request(
+                method,
+                url,
+                json=json,
+                headers={**headers, "Authorization": f"Bearer {token}"},
+                timeout=self._timeout_s,
+                allow_redirects=False,
+            )
+        except NO_ANSWER_ERRORS as exc:
+            raise GraphConnectionError(
+                f"{method} {target} got no answer ({type(exc).__name__})"
+            ) from exc
+        except requests.RequestException as exc:
+            raise PermanentGraphError(
+                f"{method} {target} could not be sent ({type(exc).__name__})"
+            ) from exc
+        if self._after_response:
+            self._after_response(response)
+        return response
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
