@@ -1,0 +1,55 @@
+"""The one Celery app of entraflow; its configuration is derived from the settings, lazily.
+
+The scheduler and the CLI import this module to send tasks by name; only a worker imports the
+task code (`include`), so the two deploy and scale apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from entraflow import keys
+from entraflow.redis_server import redis_url
+from entraflow.settings import Settings, get_settings
+
+# A message not acknowledged within this time is delivered again by the Redis transport.
+# It must be longer than any countdown a step asks for (see MAX_RETRY_COUNTDOWN_S).
+VISIBILITY_TIMEOUT_S = 900
+# The longest countdown a step may go back to the queue with.
+MAX_RETRY_COUNTDOWN_S = 600
+
+assert MAX_RETRY_COUNTDOWN_S < VISIBILITY_TIMEOUT_S
+
+app = Celery("entraflow", include=["worker.tasks"])
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for this deployment."""
+    broker = redis_url(settings)
+    return {
+        "broker_url": broker,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_connection_retry_on_startup": True,
+        # Run history lives in SQL; task results would only duplicate it.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": keys.FLOWS_QUEUE,
+        # A message is acknowledged only after its step is recorded, so a crash redelivers it.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "enable_utc": True,
+    }
+
+
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+app.on_configure.connect(_configure)

@@ -1,0 +1,1 @@
+"""Run history in SQL: flow runs and their steps."""

@@ -1,0 +1,76 @@
+"""Reading the run history: the views `runs list` and `runs show` print."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlmodel import col, select
+
+from models.db import session_scope
+from models.runs import FlowRun, RunStatus, StepRun
+
+FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
+
+
+def run_summary(run: FlowRun) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "flow": run.flow,
+        "status": run.status,
+        "event_id": run.event_id,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "error": run.error,
+    }
+
+
+def step_view(step: StepRun) -> dict[str, Any]:
+    return {
+        "id": step.step_id,
+        "action": step.action,
+        "status": step.status,
+        "attempts": step.attempts,
+        "inputs": step.inputs,
+        "output": step.output,
+        "error": step.error,
+        "graph_request_id": step.graph_request_id,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+    }
+
+
+def list_runs(database_url: str, *, limit: int) -> list[dict[str, Any]]:
+    """The newest runs first."""
+    with session_scope(database_url) as session:
+        runs = session.exec(
+            select(FlowRun).order_by(col(FlowRun.created_at).desc()).limit(limit)
+        ).all()
+        return [run_summary(run) for run in runs]
+
+
+def show_run(database_url: str, run_id: str) -> dict[str, Any] | None:
+    """One run with its steps in order, or None."""
+    with session_scope(database_url) as session:
+        run = session.get(FlowRun, run_id)
+        if run is None:
+            return None
+        steps = session.exec(
+            select(StepRun).where(StepRun.run_id == run_id).order_by(col(StepRun.position))
+        ).all()
+        return {**run_summary(run), "steps": [step_view(step) for step in steps]}
+
+
+def wait_for_run(
+    database_url: str, run_id: str, *, timeout_s: float, poll_s: float = 0.05
+) -> dict[str, Any]:
+    """The run once it has succeeded or failed; TimeoutError if it has not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = show_run(database_url, run_id)
+        if run is not None and run["status"] in FINAL_RUN_STATUSES:
+            return run
+        if time.monotonic() > deadline:
+            status = run["status"] if run else "missing"
+            raise TimeoutError(f"run {run_id} is still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)

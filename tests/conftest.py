@@ -1,0 +1,119 @@
+"""Shared fixtures: one real Redis and one database for the session, clean for every test.
+
+With `ENTRAFLOW_TEST_REDIS_URL` / `ENTRAFLOW_TEST_DATABASE_URL` set (CI sets them to this
+machine's Redis and PostgreSQL) the suite uses those; without them it starts the embedded Redis
+and uses SQLite files, as on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlmodel import SQLModel
+
+from entraflow.cli.stack import LocalStack
+from entraflow.redis_server import EmbeddedRedis
+from entraflow.settings import Settings, get_settings
+from models.db import forget_engines, get_engine
+from sandbox.server import SandboxServer
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's real Redis server."""
+    configured = os.environ.get("ENTRAFLOW_TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url, _ = server.ensure_running()
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_environment(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    # The Celery app reads its broker from the settings once per process: fix it for the session.
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("ENTRAFLOW_") and not name.startswith("ENTRAFLOW_TEST_"):
+            del os.environ[name]
+    os.environ["ENTRAFLOW_REDIS_URL"] = redis_url
+    os.environ["ENTRAFLOW_HOME"] = str(tmp_path_factory.mktemp("home"))
+    get_settings.cache_clear()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the session's Redis, flushed before and after the test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """An empty run history for the test."""
+    url = os.environ.get("ENTRAFLOW_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'runs.db'}"
+    engine = get_engine(url)
+    _empty(url)
+    yield url
+    _empty(url)
+    engine.dispose()
+    forget_engines()
+
+
+def _empty(database_url: str) -> None:
+    engine = get_engine(database_url)
+    with engine.begin() as connection:
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+
+@pytest.fixture
+def settings(
+    tmp_path: Path,
+    redis_url: str,
+    database_url: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Settings]:
+    """Settings for one test: its own home, the session's Redis, an empty database."""
+    monkeypatch.setenv("ENTRAFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ENTRAFLOW_DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def sandbox_server() -> Iterator[SandboxServer]:
+    """The Graph sandbox over real HTTP on a free loopback port."""
+    server = SandboxServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stack(settings: Settings, tmp_path: Path) -> Iterator[LocalStack]:
+    """The sandbox and one real worker process, on the session's Redis and the test's database."""
+    local = LocalStack(
+        home=settings.home,
+        redis_url=settings.redis_url,
+        database_url=settings.database_url,
+        concurrency=2,
+    )
+    with local:
+        yield local

@@ -1,0 +1,334 @@
+"""Executing one step of a flow run: claim it, fill in its inputs, run its action, record it.
+
+This is the logic behind every step task, written without Celery so it can be tested as plain
+calls. The task turns the outcomes below into Celery's words: a return continues the chain,
+`DuplicateDelivery` is ignored, `RetryLater` goes back to the queue, `StepFailed` ends the chain.
+
+Delivery is at least once (late acknowledgement, redelivery after a crash), so a step must be
+safe to receive twice: a step lock keeps two deliveries from running it at the same time, and
+every write to the step row names the attempt it belongs to, so a delivery that lost its claim
+cannot record anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from entraflow import keys
+from entraflow.settings import Settings
+from entraflow.templating import TemplateProblem, evaluate_condition, render_inputs
+from models.db import session_scope
+from models.runs import FINAL_STEP_STATUSES, FlowRun, RunStatus, StepRun, StepStatus, utcnow
+from worker.actions import ActionResult
+from worker.errors import EntraflowError, GraphError, TransientGraphError
+
+log = logging.getLogger(__name__)
+
+# How long one delivery may hold a step before another delivery may take it over. A delivery
+# that outlives it cannot record its result (see the attempt check), so it only bounds how long
+# a step whose worker died waits for its redelivery to run.
+STEP_LEASE_S = 120.0
+# A delivery that found the step locked by another one looks again within these bounds.
+BUSY_RECHECK_MIN_S = 1.0
+BUSY_RECHECK_MAX_S = 10.0
+# Input names whose values never reach the run history in clear text.
+SECRET_INPUT_MARKERS = ("secret", "password", "token", "credential")
+REDACTED = "[redacted]"
+
+Perform = Callable[[str, dict[str, Any]], ActionResult]
+
+
+class DuplicateDelivery(Exception):
+    """Raised when a delivery finds its step already dealt with and the chain already past it."""
+
+
+class RetryLater(Exception):
+    """Raised when the step must run again after `countdown_s` (a long Graph wait, a busy lock)."""
+
+    def __init__(self, countdown_s: float, reason: str) -> None:
+        # Every constructor argument goes to `args`, so Celery can serialise the exception.
+        super().__init__(countdown_s, reason)
+        self.countdown_s = countdown_s
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class StepFailed(Exception):
+    """Raised when the step ended in failure; the run is failed and the chain stops."""
+
+    def __init__(self, run_id: str, step_id: str, error: Mapping[str, Any]) -> None:
+        super().__init__(run_id, step_id, dict(error))
+        self.run_id = run_id
+        self.step_id = step_id
+        self.error = dict(error)
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}, step {self.step_id}: {self.error.get('message')}"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a claimed step needs to run."""
+
+    run_id: str
+    step_id: str
+    action: str
+    attempt: int
+    templates: dict[str, Any]
+    condition: str | None
+    started_at: datetime
+    event: dict[str, Any]
+    earlier_outputs: dict[str, Any]
+
+
+def execute_step(
+    settings: Settings,
+    redis_client: redis.Redis,
+    run_id: str,
+    step_id: str,
+    action: str,
+    perform: Perform,
+) -> str:
+    """Run one delivery of a step and return the status it ended in."""
+    lock = redis_client.lock(keys.step_lock(run_id, step_id), timeout=STEP_LEASE_S)
+    if not lock.acquire(blocking=False):
+        remaining_ms = redis_client.pttl(keys.step_lock(run_id, step_id))
+        countdown_s = min(max(remaining_ms / 1000, BUSY_RECHECK_MIN_S), BUSY_RECHECK_MAX_S)
+        raise RetryLater(countdown_s, "another delivery is executing this step")
+    try:
+        context = _claim(settings, run_id, step_id, action)
+        return _run_claimed(settings, context, perform)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            log.warning("step %s/%s outlived its lease", run_id, step_id)
+
+
+def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepContext:
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        step = _load_step(session, run_id, step_id)
+        if step.action != action:
+            raise StepFailed(
+                run_id,
+                step_id,
+                {"outcome": "failed", "message": f"step is {step.action!r}, message is {action!r}"},
+            )
+        if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
+            if _next_step_waiting(session, step):
+                # The crash came after recording this step and before queuing the next one.
+                return _context(session, step, attempt=step.attempts)
+            raise DuplicateDelivery(f"run {run_id}, step {step_id} is already {step.status}")
+        if step.status == StepStatus.FAILED:
+            raise DuplicateDelivery(f"run {run_id}, step {step_id} already failed")
+        if step.attempts >= settings.max_step_deliveries:
+            error = {
+                "outcome": "failed",
+                "message": f"delivered {step.attempts} times without finishing; "
+                "a worker may be dying on it",
+            }
+            _finish(session, step, StepStatus.FAILED, error=error)
+            session.commit()  # before raising: the scope rolls back on the way out
+            raise StepFailed(run_id, step_id, error)
+        now = utcnow()
+        step.attempts += 1
+        step.status = StepStatus.RUNNING
+        step.started_at = step.started_at or now
+        run = session.get(FlowRun, run_id)
+        if run is not None and run.status == RunStatus.QUEUED:
+            run.status = RunStatus.RUNNING
+            run.started_at = now
+        session.flush()
+        return _context(session, step, attempt=step.attempts)
+
+
+def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> str:
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        step = _load_step(session, context.run_id, context.step_id)
+        if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
+            return step.status  # recorded by the delivery that crashed: only forward the chain
+    variables = {"event": context.event, "steps": context.earlier_outputs}
+    try:
+        if context.condition and not evaluate_condition(context.condition, variables):
+            _record(url, context, StepStatus.SKIPPED)
+            return StepStatus.SKIPPED
+        inputs = render_inputs(context.templates, variables)
+    except TemplateProblem as exc:
+        error = {"outcome": "invalid_input", "message": str(exc)}
+        _record(url, context, StepStatus.FAILED, error=error)
+        raise StepFailed(context.run_id, context.step_id, error) from exc
+    _record(url, context, StepStatus.RUNNING, inputs=redact(inputs))
+    try:
+        result = perform(context.action, inputs)
+    except TransientGraphError as exc:
+        countdown_s = exc.retry_after_s or settings.max_inprocess_wait_s
+        elapsed_s = (utcnow() - context.started_at).total_seconds()
+        if exc.retries_exhausted or elapsed_s + countdown_s > settings.max_graph_retry_time_s:
+            error = _error_of(exc)
+            error["message"] = f"gave up after {elapsed_s:.0f} s: {error['message']}"
+            _record(url, context, StepStatus.FAILED, error=error, request_id=exc.request_id)
+            raise StepFailed(context.run_id, context.step_id, error) from exc
+        _record(url, context, StepStatus.RETRYING, error=_error_of(exc))
+        raise RetryLater(countdown_s, str(exc)) from exc
+    except EntraflowError as exc:
+        error = _error_of(exc)
+        request_id = exc.request_id if isinstance(exc, GraphError) else None
+        _record(url, context, StepStatus.FAILED, error=error, request_id=request_id)
+        raise StepFailed(context.run_id, context.step_id, error) from exc
+    _record(url, context, StepStatus.SUCCEEDED, output=result.output, request_id=result.request_id)
+    return StepStatus.SUCCEEDED
+
+
+def fail_step(settings: Settings, run_id: str, step_id: str, message: str) -> None:
+    """Mark a step and its run failed whatever its state: its task crashed unexpectedly."""
+    with session_scope(settings.resolved_database_url) as session:
+        step = _load_step(session, run_id, step_id)
+        if step.status not in FINAL_STEP_STATUSES:
+            _finish(
+                session, step, StepStatus.FAILED, error={"outcome": "failed", "message": message}
+            )
+
+
+def _record(
+    database_url: str,
+    context: StepContext,
+    status: StepStatus,
+    *,
+    inputs: dict[str, Any] | None = None,
+    output: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Write the step's new state, only if this delivery still holds the claim."""
+    values: dict[str, Any] = {"status": status}
+    if inputs is not None:
+        values["inputs"] = inputs
+    if output is not None:
+        values["output"] = output
+    if error is not None or status == StepStatus.SUCCEEDED:
+        values["error"] = error
+    if request_id is not None:
+        values["graph_request_id"] = request_id
+    final = status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED)
+    if final:
+        values["finished_at"] = utcnow()
+    with session_scope(database_url) as session:
+        claimed = session.execute(
+            update(StepRun)
+            .where(col(StepRun.run_id) == context.run_id)
+            .where(col(StepRun.step_id) == context.step_id)
+            .where(col(StepRun.attempts) == context.attempt)
+            .where(col(StepRun.status).in_([StepStatus.RUNNING, StepStatus.RETRYING]))
+            .values(**values)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            raise DuplicateDelivery(
+                f"run {context.run_id}, step {context.step_id}: attempt {context.attempt} "
+                "lost its claim to a later delivery"
+            )
+        if final:
+            _settle_run(session, context.run_id, context.step_id, status, error)
+
+
+def _finish(session: Session, step: StepRun, status: StepStatus, *, error: dict[str, Any]) -> None:
+    step.status = status
+    step.error = error
+    step.finished_at = utcnow()
+    session.flush()
+    _settle_run(session, step.run_id, step.step_id, status, error)
+
+
+def _settle_run(
+    session: Session,
+    run_id: str,
+    step_id: str,
+    status: StepStatus,
+    error: Mapping[str, Any] | None,
+) -> None:
+    """Bring the run's status in line with a step that just ended."""
+    run = session.get(FlowRun, run_id)
+    if run is None:
+        return
+    if status == StepStatus.FAILED:
+        run.status = RunStatus.FAILED
+        run.error = f"step {step_id}: {(error or {}).get('message', 'failed')}"
+        run.finished_at = utcnow()
+        return
+    last = session.exec(
+        select(StepRun.step_id)
+        .where(StepRun.run_id == run_id)
+        .order_by(col(StepRun.position).desc())
+        .limit(1)
+    ).one()
+    if last == step_id:
+        run.status = RunStatus.SUCCEEDED
+        run.finished_at = utcnow()
+
+
+def _load_step(session: Session, run_id: str, step_id: str) -> StepRun:
+    step = session.exec(
+        select(StepRun).where(StepRun.run_id == run_id).where(StepRun.step_id == step_id)
+    ).one_or_none()
+    if step is None:
+        raise StepFailed(
+            run_id, step_id, {"outcome": "failed", "message": "no such step in the run history"}
+        )
+    return step
+
+
+def _next_step_waiting(session: Session, step: StepRun) -> bool:
+    following = session.exec(
+        select(StepRun)
+        .where(StepRun.run_id == step.run_id)
+        .where(StepRun.position == step.position + 1)
+    ).one_or_none()
+    return following is not None and following.status == StepStatus.QUEUED
+
+
+def _context(session: Session, step: StepRun, *, attempt: int) -> StepContext:
+    run = session.get(FlowRun, step.run_id)
+    earlier = session.exec(
+        select(StepRun).where(StepRun.run_id == step.run_id).where(StepRun.position < step.position)
+    ).all()
+    return StepContext(
+        run_id=step.run_id,
+        step_id=step.step_id,
+        action=step.action,
+        attempt=attempt,
+        templates=dict(step.templates),
+        condition=step.condition,
+        started_at=_as_utc(step.started_at or utcnow()),
+        event=dict(run.event) if run is not None else {},
+        earlier_outputs={s.step_id: dict(s.output or {}) for s in earlier},
+    )
+
+
+def _error_of(exc: EntraflowError) -> dict[str, Any]:
+    if isinstance(exc, GraphError):
+        return exc.to_dict()
+    return {"outcome": getattr(exc, "outcome", "invalid_input"), "message": str(exc)}
+
+
+def redact(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Inputs fit for the run history: values of secret-looking names replaced."""
+    return {
+        name: REDACTED if any(m in name.lower() for m in SECRET_INPUT_MARKERS) else value
+        for name, value in inputs.items()
+    }
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite hands datetimes back without their zone; they were written in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,110 @@
+"""The Celery tasks: one per Entra action, each a thin adapter around `worker.steps`.
+
+A task message carries a run id and a step id, nothing else: inputs are read from the run
+history and rendered here, and credentials never leave the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Ignore
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from entraflow.catalogue import ACTIONS
+from entraflow.celery_app import MAX_RETRY_COUNTDOWN_S, app
+from entraflow.redis_server import redis_url
+from entraflow.settings import get_settings
+from models.db import forget_engines
+from worker.actions import ActionResult, run_action
+from worker.graph import GraphClient
+from worker.steps import DuplicateDelivery, RetryLater, StepFailed, execute_step, fail_step
+
+log = logging.getLogger(__name__)
+
+# How long a step waits before trying again when the database or Redis does not answer.
+STORAGE_RETRY_S = 5.0
+
+
+@lru_cache(maxsize=1)
+def graph_client() -> GraphClient:
+    """This process's Graph client; its token is cached across tasks."""
+    return GraphClient.from_settings(get_settings())
+
+
+@lru_cache(maxsize=1)
+def lock_client() -> redis.Redis:
+    """This process's connection to the Redis that holds step locks."""
+    return redis.Redis.from_url(redis_url(get_settings()))
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked child must not share the parent's database or Redis sockets.
+    forget_engines()
+    graph_client.cache_clear()
+    lock_client.cache_clear()
+
+
+def perform(action: str, inputs: dict[str, Any]) -> ActionResult:
+    """Run one Entra action against Graph now."""
+    return run_action(graph_client(), action, inputs)
+
+
+class StepTask(Task):
+    """A task that executes one step of a flow run; `action` names the Entra action."""
+
+    abstract = True
+    action: str
+    # Retries are bounded by the step's time budget in worker.steps, not by a count.
+    max_retries = None
+
+    def run_step(self, run_id: str, step_id: str) -> dict[str, str]:
+        try:
+            status = execute_step(
+                get_settings(), lock_client(), run_id, step_id, self.action, perform
+            )
+        except DuplicateDelivery as exc:
+            log.info("ignored a duplicate delivery: %s", exc)
+            raise Ignore() from exc
+        except RetryLater as exc:
+            countdown_s = min(exc.countdown_s, MAX_RETRY_COUNTDOWN_S)
+            log.info("step %s/%s retries in %.1f s: %s", run_id, step_id, countdown_s, exc)
+            raise self.retry(countdown=countdown_s, exc=exc) from exc
+        except (OperationalError, redis.RedisError) as exc:
+            # The database or Redis is away: nothing was recorded as done, so try again later.
+            log.warning("step %s/%s waits for storage: %s", run_id, step_id, exc)
+            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+        return {"run_id": run_id, "step_id": step_id, "status": status}
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        if isinstance(exc, StepFailed):
+            log.warning("%s", exc)
+            return
+        log.error("task %s crashed: %r", task_id, exc)
+        run_id, step_id = args
+        fail_step(get_settings(), run_id, step_id, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _step_task(action: str) -> Task:
+    """Register the task of one action, named as the catalogue says."""
+
+    def run(self: StepTask, run_id: str, step_id: str) -> dict[str, str]:
+        return self.run_step(run_id, step_id)
+
+    run.__name__ = action
+    run.__doc__ = f"Execute a flow step whose action is {action}."
+    return app.task(run, name=ACTIONS[action].task_name, base=StepTask, bind=True, action=action)
+
+
+lookup_user = _step_task("lookup_user")
+lookup_group = _step_task("lookup_group")
+add_user_to_group = _step_task("add_user_to_group")
+remove_member_from_group = _step_task("remove_member_from_group")
