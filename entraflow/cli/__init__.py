@@ -1,0 +1,1 @@
+"""The `entraflow` command line."""

@@ -1,0 +1,30 @@
+"""The `entraflow` command: one group, its subcommands in the modules beside this one."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from entraflow.cli.action import action
+from entraflow.cli.demo import demo
+from entraflow.cli.processes import flower, sandbox, worker
+from entraflow.cli.runs import runs
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level on stderr.")
+def cli(verbose: bool) -> None:
+    """Microsoft Entra ID actions as automated flows, on Celery and Redis."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+cli.add_command(action)
+cli.add_command(demo)
+cli.add_command(flower)
+cli.add_command(runs)
+cli.add_command(sandbox)
+cli.add_command(worker)

@@ -1,0 +1,130 @@
+"""A whole entraflow on one machine: Redis, the Graph sandbox and real worker processes.
+
+The demo runs on it; so do the integration tests and the benchmarks. Everything it starts, it
+stops, and a worker is a real `entraflow worker` process talking to the sandbox over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from pydantic import SecretStr
+
+from entraflow.redis_server import EmbeddedRedis
+from entraflow.settings import Settings
+from sandbox.directory import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_TENANT_ID
+from sandbox.server import SandboxServer
+
+# How long a worker may take to finish its current task after SIGTERM.
+WORKER_STOP_TIMEOUT_S = 20.0
+
+
+@dataclass
+class LocalStack:
+    """Redis (the configured one or the embedded one), the sandbox, and `workers` workers."""
+
+    home: Path
+    redis_url: str | None = None
+    database_url: str | None = None
+    workers: int = 1
+    concurrency: int = 2
+    sandbox: SandboxServer = field(default_factory=SandboxServer)
+    worker_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _started_redis: bool = False
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings every process of this stack runs with."""
+        return Settings(
+            home=self.home,
+            redis_url=self.redis_url,
+            database_url=self.database_url,
+            graph_url=self.sandbox.graph_url,
+            authority_url=self.sandbox.authority_url,
+            tenant_id=SANDBOX_TENANT_ID,
+            client_id=SANDBOX_CLIENT_ID,
+            client_secret=SecretStr(SANDBOX_CLIENT_SECRET),
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that points an entraflow process at this stack."""
+        env = {
+            "ENTRAFLOW_HOME": str(self.home),
+            "ENTRAFLOW_GRAPH_URL": self.sandbox.graph_url,
+            "ENTRAFLOW_AUTHORITY_URL": self.sandbox.authority_url,
+            "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
+            "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
+            "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
+            # The sandbox speaks plain HTTP on loopback; never set this for a real authority.
+            "OAUTHLIB_INSECURE_TRANSPORT": "1",
+        }
+        if self.redis_url:
+            env["ENTRAFLOW_REDIS_URL"] = self.redis_url
+        if self.database_url:
+            env["ENTRAFLOW_DATABASE_URL"] = self.database_url
+        return env
+
+    @property
+    def _embedded_redis(self) -> EmbeddedRedis:
+        return EmbeddedRedis(self.home.resolve() / "redis")
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis_url, self._started_redis = self._embedded_redis.ensure_running()
+        self.sandbox.start()
+        for _ in range(self.workers):
+            self.start_worker()
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """Start one more worker process; its log goes to the stack's home."""
+        index = len(self.worker_processes)
+        log_path = self.home / f"worker-{index}.log"
+        command = [
+            sys.executable, "-m", "entraflow", "worker",
+            f"--concurrency={self.concurrency}",
+            f"--hostname=worker{index}-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle",
+            f"--logfile={log_path}",
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.worker_processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.worker_processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.worker_processes:
+            try:
+                process.wait(timeout=WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.worker_processes.clear()
+        self.sandbox.stop()
+        if self._started_redis:
+            self._embedded_redis.stop()
+            self._started_redis = False

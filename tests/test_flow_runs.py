@@ -1,0 +1,109 @@
+"""Flow runs as Celery chains: a real worker process, a real Redis, the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+
+from entraflow.cli.stack import LocalStack
+from models.history import wait_for_run
+from sandbox.directory import DEMO_GROUPS, DEMO_USERS
+from scheduler.runs import start_run
+
+DEMO_USER_UPN = DEMO_USERS["nestor"].upn
+DEMO_GROUP_ID = DEMO_GROUPS["sales"].id
+
+pytestmark = pytest.mark.integration
+
+RUN_TIMEOUT_S = 60.0
+FOUR_STEPS: list[dict[str, Any]] = [
+    {"id": "user", "action": "lookup_user", "with": {"upn": "{{ event.data.upn }}"}},
+    {"id": "group", "action": "lookup_group", "with": {"group_id": "{{ event.data.group_id }}"}},
+    {
+        "id": "add",
+        "action": "add_user_to_group",
+        "with": {"user_id": "{{ steps.user.id }}", "group_id": "{{ steps.group.id }}"},
+    },
+    {
+        "id": "remove",
+        "action": "remove_member_from_group",
+        "with": {"user_id": "{{ steps.user.id }}", "group_id": "{{ steps.group.id }}"},
+    },
+]
+
+
+def event(**data: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": "evt-1", "source": "tests", "type": "t", "data": data}
+
+
+def run_to_end(
+    stack: LocalStack, steps: list[dict[str, Any]], data: dict[str, Any]
+) -> dict[str, Any]:
+    run_id = start_run(stack.settings, "test-flow", steps, event(**data))
+    return wait_for_run(stack.settings.resolved_database_url, run_id, timeout_s=RUN_TIMEOUT_S)
+
+
+def test_a_four_action_flow_runs_as_a_chain_through_a_real_worker(stack: LocalStack) -> None:
+    run = run_to_end(stack, FOUR_STEPS, {"upn": DEMO_USER_UPN, "group_id": DEMO_GROUP_ID})
+
+    assert run["status"] == "succeeded", run
+    user, group, add, remove = run["steps"]
+    assert user["output"]["userPrincipalName"] == DEMO_USER_UPN
+    assert set(user["output"]) == {
+        "id", "displayName", "givenName", "surname", "mail", "userPrincipalName", "jobTitle"
+    }  # fmt: skip
+    assert group["output"]["id"] == DEMO_GROUP_ID
+    assert add["inputs"] == {"user_id": user["output"]["id"], "group_id": DEMO_GROUP_ID}
+    assert add["output"] == {"success": True, "outcome": "added"}
+    assert remove["output"] == {"success": True, "outcome": "removed"}
+    assert all(step["attempts"] == 1 and step["graph_request_id"] for step in run["steps"])
+    assert user["output"]["id"] not in stack.sandbox.app.directory.members(DEMO_GROUP_ID)
+
+
+def test_a_failing_step_fails_the_run_and_stops_the_chain(stack: LocalStack) -> None:
+    unknown_group = "00000000-0000-4000-8000-00000000dead"
+    run = run_to_end(stack, FOUR_STEPS, {"upn": DEMO_USER_UPN, "group_id": unknown_group})
+
+    assert run["status"] == "failed", run
+    statuses = [step["status"] for step in run["steps"]]
+    assert statuses == ["succeeded", "failed", "queued", "queued"]
+    error = run["steps"][1]["error"]
+    assert error["outcome"] == "not_found"
+    assert error["code"] == "Request_ResourceNotFound"
+    assert error["request_id"]
+
+
+def test_a_long_throttle_sends_the_step_back_to_the_queue_and_it_finishes(
+    stack: LocalStack,
+) -> None:
+    # Longer than the worker sleeps in process, so the step must go back to the queue.
+    stack.sandbox.app.add_fault(
+        method="POST", path_regex=r"/members/\$ref$", status=429, retry_after="6", count=1
+    )
+    run = run_to_end(stack, FOUR_STEPS, {"upn": DEMO_USER_UPN, "group_id": DEMO_GROUP_ID})
+
+    assert run["status"] == "succeeded", run
+    add = run["steps"][2]
+    assert add["attempts"] == 2
+    assert add["output"] == {"success": True, "outcome": "added"}
+    assert stack.sandbox.app.stats()["early_retries"] == 0
+
+
+def test_task_messages_carry_ids_and_never_a_secret(stack: LocalStack, redis_url: str) -> None:
+    for worker in stack.worker_processes:  # keep the messages on the queue to read them
+        worker.terminate()
+        worker.wait()
+    run_id = start_run(
+        stack.settings, "test-flow", FOUR_STEPS, event(upn=DEMO_USER_UPN, group_id=DEMO_GROUP_ID)
+    )
+    client = redis.Redis.from_url(redis_url)
+    raw = [json.loads(m) for m in client.lrange("entraflow:flows", 0, -1)]
+    assert len(raw) == 1
+    message = json.dumps(raw[0])
+    assert run_id in message
+    secret = stack.settings.client_secret
+    assert secret is not None and secret.get_secret_value() not in message
+    assert raw[0]["headers"]["task"] == "entra.lookup_user"
