@@ -107,3 +107,15 @@ def test_task_messages_carry_ids_and_never_a_secret(stack: LocalStack, redis_url
     secret = stack.settings.client_secret
     assert secret is not None and secret.get_secret_value() not in message
     assert raw[0]["headers"]["task"] == "entra.lookup_user"
+
+
+def test_a_token_expiring_between_runs_is_refreshed_invisibly(stack: LocalStack) -> None:
+    data = {"upn": DEMO_USER_UPN, "group_id": DEMO_GROUP_ID}
+    assert run_to_end(stack, FOUR_STEPS, data)["status"] == "succeeded"
+    assert stack.sandbox.app.expire_tokens() >= 1
+
+    run = run_to_end(stack, FOUR_STEPS, data)
+
+    assert run["status"] == "succeeded", run
+    assert all(step["attempts"] == 1 for step in run["steps"])
+    assert stack.sandbox.app.stats()["responses"].get("401", 0) >= 1
