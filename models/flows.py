@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from models.db import Timestamp
 from models.runs import utcnow
 
 
@@ -23,8 +24,8 @@ class Flow(SQLModel, table=True):
     source: str | None = None
     enabled: bool = True
     version: int = 1
-    created_at: datetime = Field(default_factory=utcnow)
-    updated_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=Timestamp)
 
 
 class AcceptedEvent(SQLModel, table=True):
@@ -39,4 +40,4 @@ class AcceptedEvent(SQLModel, table=True):
     event_type: str
     stream_id: str | None = None
     run_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    accepted_at: datetime = Field(default_factory=utcnow, index=True)
+    accepted_at: datetime = Field(default_factory=utcnow, index=True, sa_type=Timestamp)

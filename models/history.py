@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import col, select
@@ -40,12 +41,24 @@ def step_view(step: StepRun) -> dict[str, Any]:
     }
 
 
-def list_runs(database_url: str, *, limit: int) -> list[dict[str, Any]]:
-    """The newest runs first."""
+def list_runs(
+    database_url: str,
+    *,
+    limit: int,
+    flow: str | None = None,
+    status: RunStatus | None = None,
+    since: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The newest runs first, optionally of one flow, in one status, or created since a time."""
+    query = select(FlowRun)
+    if flow is not None:
+        query = query.where(FlowRun.flow == flow)
+    if status is not None:
+        query = query.where(FlowRun.status == status)
+    if since is not None:
+        query = query.where(col(FlowRun.created_at) >= since)
     with session_scope(database_url) as session:
-        runs = session.exec(
-            select(FlowRun).order_by(col(FlowRun.created_at).desc()).limit(limit)
-        ).all()
+        runs = session.exec(query.order_by(col(FlowRun.created_at).desc()).limit(limit)).all()
         return [run_summary(run) for run in runs]
 
 

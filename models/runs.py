@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from models.db import Timestamp
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -51,11 +53,11 @@ class FlowRun(SQLModel, table=True):
     event_source: str | None = None
     event: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     error: str | None = None
-    created_at: datetime = Field(default_factory=utcnow, index=True)
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=Timestamp)
     # Set once the chain is on the queue: a run committed but never enqueued has none.
-    enqueued_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    enqueued_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    started_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    finished_at: datetime | None = Field(default=None, sa_type=Timestamp)
 
 
 class StepRun(SQLModel, table=True):
@@ -79,5 +81,5 @@ class StepRun(SQLModel, table=True):
     output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     graph_request_id: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    finished_at: datetime | None = Field(default=None, sa_type=Timestamp)

@@ -63,8 +63,18 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def _configured_database_schema() -> None:
+    # A machine's database outlives test sessions: rebuild its tables from today's models once.
+    url = os.environ.get("ENTRAFLOW_TEST_DATABASE_URL")
+    if url:
+        engine = get_engine(url)
+        SQLModel.metadata.drop_all(engine)
+        SQLModel.metadata.create_all(engine)
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
+def database_url(tmp_path: Path, _configured_database_schema: None) -> Iterator[str]:
     """An empty run history for the test."""
     url = os.environ.get("ENTRAFLOW_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'runs.db'}"
     engine = get_engine(url)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -309,7 +309,7 @@ def _context(session: Session, step: StepRun, *, attempt: int) -> StepContext:
         attempt=attempt,
         templates=dict(step.templates),
         condition=step.condition,
-        started_at=_as_utc(step.started_at or utcnow()),
+        started_at=step.started_at or utcnow(),
         event=dict(run.event) if run is not None else {},
         earlier_outputs={s.step_id: dict(s.output or {}) for s in earlier},
     )
@@ -327,8 +327,3 @@ def redact(inputs: Mapping[str, Any]) -> dict[str, Any]:
         name: REDACTED if any(m in name.lower() for m in SECRET_INPUT_MARKERS) else value
         for name, value in inputs.items()
     }
-
-
-def _as_utc(moment: datetime) -> datetime:
-    # SQLite hands datetimes back without their zone; they were written in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+
 import click
+from rich.console import Console
+from rich.table import Table
 
 from entraflow.cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from models.history import list_runs, show_run
+from models.runs import RunStatus, utcnow
 
 DEFAULT_LIST_LIMIT = 50
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str) -> datetime:
+    """`30m`, `2h`, `7d` (that long ago) or an ISO 8601 time."""
+    match = _DURATION.match(value.strip())
+    if match:
+        return utcnow() - timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: give a duration like 30m, 2h, 7d or an ISO time"
+        ) from None
+    return (moment if moment.tzinfo else moment.astimezone()).astimezone(UTC)
 
 
 @click.group()
@@ -17,18 +39,36 @@ def runs() -> None:
 
 
 @runs.command("list")
+@click.option("--flow", help="Only runs of this flow.")
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]), help="Only this status.")
+@click.option("--since", help="Only runs created since: 30m, 2h, 7d, or an ISO time.")
 @click.option("--limit", type=click.IntRange(min=1), default=DEFAULT_LIST_LIMIT, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-def list_command(limit: int, as_json: bool) -> None:
+def list_command(
+    flow: str | None, status: str | None, since: str | None, limit: int, as_json: bool
+) -> None:
     """List runs, newest first."""
-    found = list_runs(get_settings().resolved_database_url, limit=limit)
+    found = list_runs(
+        get_settings().resolved_database_url,
+        limit=limit,
+        flow=flow,
+        status=RunStatus(status) if status else None,
+        since=parse_since(since) if since else None,
+    )
     if as_json:
         print_json(found)
         return
+    table = Table("run", "flow", "status", "event", "created", "error")
     for run in found:
-        click.echo(
-            f"{run['id']}  {run['status']:<9}  {run['flow']}  {run['created_at']:%Y-%m-%d %H:%M:%S}"
+        table.add_row(
+            run["id"],
+            run["flow"],
+            run["status"],
+            run["event_id"] or "",
+            f"{run['created_at']:%Y-%m-%d %H:%M:%S}",
+            run["error"] or "",
         )
+    Console().print(table)
 
 
 @runs.command("show")
