@@ -6,6 +6,10 @@ PREFIX = "entraflow:"
 EVENTS_STREAM = f"{PREFIX}events"
 # Events that cannot be used, each with a `reason` field.
 DEAD_EVENTS_STREAM = f"{PREFIX}events:dead"
+# The consumer group every scheduler reads EVENTS_STREAM in.
+SCHEDULERS_GROUP = f"{PREFIX}schedulers"
+# Held by the one scheduler that trims the stream and re-queues stranded runs this round.
+SCHEDULER_HOUSEKEEPING_LOCK = f"{PREFIX}lock:scheduler:housekeeping"
 
 # The Celery queue that carries flow-run steps.
 FLOWS_QUEUE = f"{PREFIX}flows"

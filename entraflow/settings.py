@@ -30,6 +30,12 @@ DEFAULT_MAX_GRAPH_RETRY_TIME_S = 180.0
 DEFAULT_HTTP_TIMEOUT_S = 30.0
 # A step message delivered this many times without the step finishing fails the step.
 DEFAULT_MAX_STEP_DELIVERIES = 10
+# The scheduler trims the events stream to about this many entries, never an unacknowledged one.
+DEFAULT_EVENTS_MAX_LEN = 100_000
+# Dead letters kept, about: the oldest go first.
+DEFAULT_DEAD_EVENTS_MAX_LEN = 100_000
+# An event a scheduler has read but not acknowledged for this long is taken over by another.
+DEFAULT_EVENTS_CLAIM_IDLE_S = 60.0
 
 
 class Settings(BaseSettings):
@@ -61,6 +67,10 @@ class Settings(BaseSettings):
     max_graph_retry_time_s: float = DEFAULT_MAX_GRAPH_RETRY_TIME_S
     http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
     max_step_deliveries: int = DEFAULT_MAX_STEP_DELIVERIES
+
+    events_max_len: int = DEFAULT_EVENTS_MAX_LEN
+    dead_events_max_len: int = DEFAULT_DEAD_EVENTS_MAX_LEN
+    events_claim_idle_s: float = DEFAULT_EVENTS_CLAIM_IDLE_S
 
     @property
     def resolved_database_url(self) -> str:

@@ -8,16 +8,22 @@ Tasks are sent by name: the scheduler never imports the worker's code.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery import chain
-from sqlmodel import select
+from sqlmodel import Session, col, select
 
 from entraflow.catalogue import ACTIONS
 from entraflow.celery_app import app
 from entraflow.settings import Settings
 from models.db import session_scope
-from models.runs import FlowRun, StepRun, utcnow
+from models.runs import FlowRun, StepRun, StepStatus, utcnow
+
+# A run committed this long ago and still not queued is stranded: its starter died in between.
+STRANDED_RUN_GRACE_S = 60.0
+# Stranded runs re-queued per pass, so one pass stays short.
+STRANDED_RUNS_PER_PASS = 100
 
 
 class FlowDefinitionError(ValueError):
@@ -37,6 +43,14 @@ def create_run(
     settings: Settings, flow_name: str, steps: Sequence[Mapping[str, Any]], event: Mapping[str, Any]
 ) -> str:
     """Write a queued run and its steps, and commit."""
+    with session_scope(settings.resolved_database_url) as session:
+        return add_run(session, flow_name, steps, event)
+
+
+def add_run(
+    session: Session, flow_name: str, steps: Sequence[Mapping[str, Any]], event: Mapping[str, Any]
+) -> str:
+    """Add a queued run and its steps to `session`, uncommitted, and return the run id."""
     if not steps:
         raise FlowDefinitionError(f"flow {flow_name!r} has no steps")
     for step in steps:
@@ -51,28 +65,32 @@ def create_run(
         event_source=event.get("source"),
         event=dict(event),
     )
-    with session_scope(settings.resolved_database_url) as session:
-        session.add(run)
-        session.flush()
-        for position, step in enumerate(steps):
-            session.add(
-                StepRun(
-                    run_id=run.id,
-                    position=position,
-                    step_id=str(step["id"]),
-                    action=str(step["action"]),
-                    templates=dict(step.get("with") or {}),
-                    condition=step.get("if"),
-                )
+    session.add(run)
+    session.flush()
+    for position, step in enumerate(steps):
+        session.add(
+            StepRun(
+                run_id=run.id,
+                position=position,
+                step_id=str(step["id"]),
+                action=str(step["action"]),
+                templates=dict(step.get("with") or {}),
+                condition=step.get("if"),
             )
+        )
+    session.flush()
     return run.id
 
 
 def enqueue_run(settings: Settings, run_id: str) -> None:
-    """Queue the chain of a committed run's steps, then mark the run as queued."""
+    """Queue the chain of a committed run's steps not yet done, then mark the run as queued."""
     with session_scope(settings.resolved_database_url) as session:
+        # A replayed run keeps the steps that succeeded: its chain starts at the failed one.
         steps = session.exec(
-            select(StepRun).where(StepRun.run_id == run_id).order_by(StepRun.position)  # type: ignore[arg-type]
+            select(StepRun)
+            .where(StepRun.run_id == run_id)
+            .where(col(StepRun.status).not_in([StepStatus.SUCCEEDED, StepStatus.SKIPPED]))
+            .order_by(col(StepRun.position))
         ).all()
         signatures = [
             app.signature(
@@ -84,3 +102,37 @@ def enqueue_run(settings: Settings, run_id: str) -> None:
         run = session.get(FlowRun, run_id)
         if run is not None:
             run.enqueued_at = utcnow()
+
+
+def unqueued_runs(session: Session, run_ids: Sequence[str]) -> list[str]:
+    """Those of `run_ids` whose chain was never queued."""
+    if not run_ids:
+        return []
+    return list(
+        session.exec(
+            select(FlowRun.id)
+            .where(col(FlowRun.id).in_(run_ids))
+            .where(col(FlowRun.enqueued_at).is_(None))
+        ).all()
+    )
+
+
+def enqueue_stranded_runs(
+    settings: Settings, *, grace_s: float = STRANDED_RUN_GRACE_S
+) -> list[str]:
+    """Queue the runs committed more than `grace_s` ago and never queued; return their ids."""
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    with session_scope(settings.resolved_database_url) as session:
+        stranded = list(
+            session.exec(
+                select(FlowRun.id)
+                .where(col(FlowRun.enqueued_at).is_(None))
+                .where(col(FlowRun.created_at) < cutoff)
+                .order_by(col(FlowRun.created_at))
+                .limit(STRANDED_RUNS_PER_PASS)
+            ).all()
+        )
+    # Queue first, mark after: a crash in between queues a chain twice, which steps shrug off.
+    for run_id in stranded:
+        enqueue_run(settings, run_id)
+    return stranded

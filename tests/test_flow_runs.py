@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner
 
+from entraflow.cli.main import cli
 from entraflow.cli.stack import LocalStack
 from models.history import wait_for_run
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
@@ -119,3 +121,37 @@ def test_a_token_expiring_between_runs_is_refreshed_invisibly(stack: LocalStack)
     assert run["status"] == "succeeded", run
     assert all(step["attempts"] == 1 for step in run["steps"])
     assert stack.sandbox.app.stats()["responses"].get("401", 0) >= 1
+
+
+def test_a_failed_run_replays_from_its_failed_step_keeping_earlier_outputs(
+    stack: LocalStack,
+) -> None:
+    stack.sandbox.app.add_fault(
+        method="POST",
+        path_regex=r"/members/\$ref$",
+        status=403,
+        code="Authorization_RequestDenied",
+        count=1,
+    )
+    failed = run_to_end(stack, FOUR_STEPS, {"upn": DEMO_USER_UPN, "group_id": DEMO_GROUP_ID})
+    assert [s["status"] for s in failed["steps"]] == ["succeeded", "succeeded", "failed", "queued"]
+    assert failed["steps"][2]["error"]["outcome"] == "forbidden"
+    requests_before = stack.sandbox.app.stats()["requests_total"]
+
+    result = CliRunner().invoke(cli, ["runs", "replay", failed["id"], "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [{"id": failed["id"], "from_step": "add"}]
+    run = wait_for_run(stack.settings.resolved_database_url, failed["id"], timeout_s=RUN_TIMEOUT_S)
+    assert run["status"] == "succeeded", run
+    assert run["steps"][0]["output"] == failed["steps"][0]["output"]
+    assert [s["attempts"] for s in run["steps"]] == [1, 1, 1, 1]
+    # Only the add and the remove went to Graph again.
+    assert stack.sandbox.app.stats()["requests_total"] - requests_before == 2
+
+
+def test_only_failed_runs_replay(stack: LocalStack) -> None:
+    run = run_to_end(stack, FOUR_STEPS, {"upn": DEMO_USER_UPN, "group_id": DEMO_GROUP_ID})
+    result = CliRunner().invoke(cli, ["runs", "replay", run["id"]])
+    assert result.exit_code != 0
+    assert "only a failed run can be replayed" in result.output

@@ -8,8 +8,11 @@ import click
 
 from entraflow.cli.action import action
 from entraflow.cli.demo import demo
+from entraflow.cli.events import events
+from entraflow.cli.flows import flows
 from entraflow.cli.processes import flower, sandbox, worker
 from entraflow.cli.runs import runs
+from entraflow.cli.scheduler import scheduler
 
 
 @click.group()
@@ -24,7 +27,10 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(action)
 cli.add_command(demo)
+cli.add_command(events)
 cli.add_command(flower)
+cli.add_command(flows)
 cli.add_command(runs)
 cli.add_command(sandbox)
+cli.add_command(scheduler)
 cli.add_command(worker)

@@ -13,6 +13,7 @@ from entraflow.cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from models.history import list_runs, show_run
 from models.runs import RunStatus, utcnow
+from scheduler.replay import ReplayError, failed_run_ids, replay_run
 
 DEFAULT_LIST_LIMIT = 50
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -92,3 +93,35 @@ def show_command(run_id: str, as_json: bool) -> None:
             click.echo(f"    output: {step['output']}")
         if step["error"] is not None:
             click.echo(f"    error:  {step['error'].get('message')}")
+
+
+@runs.command("replay")
+@click.argument("run_id", required=False)
+@click.option(
+    "--status",
+    type=click.Choice([RunStatus.FAILED.value]),
+    help="Replay every run in this status (only `failed` can be replayed).",
+)
+@click.option("--flow", help="With --status: only runs of this flow.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def replay_command(run_id: str | None, status: str | None, flow: str | None, as_json: bool) -> None:
+    """Run failed runs again from their failed step, keeping earlier steps' outputs."""
+    settings = get_settings()
+    if (run_id is None) == (status is None):
+        raise click.UsageError("give a RUN_ID, or --status failed [--flow NAME]")
+    if run_id is not None and flow is not None:
+        raise click.UsageError("--flow goes with --status, not with a RUN_ID")
+    run_ids = [run_id] if run_id is not None else failed_run_ids(settings, flow=flow)
+    replayed: list[dict[str, str]] = []
+    for each in run_ids:
+        try:
+            step_id = replay_run(settings, each)
+        except ReplayError as exc:
+            fail_json({"outcome": "not_replayed", "message": str(exc), "replayed": replayed})
+        replayed.append({"id": each, "from_step": step_id})
+        if not as_json:
+            click.echo(f"replaying run {each} from step {step_id}")
+    if as_json:
+        print_json(replayed)
+    elif not replayed:
+        click.echo("no failed runs to replay")

@@ -1,0 +1,426 @@
+"""The scheduler: events on the stream become flow runs, with nothing lost and nothing run twice.
+
+Every scheduler reads `entraflow:events` in one consumer group, so several share the work. For
+each entry: parse and check the event; if its (source, id) was accepted before, only make sure
+its runs are queued; otherwise write the accepted event and the run of every matching enabled
+flow in one transaction, commit, queue the chains, and only then acknowledge the entry. A crash
+anywhere before the acknowledgement leaves the entry pending; another scheduler claims it once
+it has been idle for `events_claim_idle_s` and finds the work done or does it.
+
+An event that cannot be used goes to `entraflow:events:dead` with a reason, acknowledged in the
+same transaction. A database or Redis failure acknowledges nothing: the scheduler backs off and
+reads the entry again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis
+from celery.exceptions import CeleryError
+from kombu.exceptions import KombuError
+from pydantic import ValidationError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlmodel import Session, select
+
+from entraflow import keys
+from entraflow.settings import Settings
+from entraflow.templating import TemplateProblem, evaluate_condition
+from models.db import session_scope
+from models.flows import AcceptedEvent
+from models.runs import utcnow
+from scheduler.flows import FlowDefinition, enabled_flows_for
+from scheduler.producer import EVENT_FIELD, MAX_EVENT_BYTES, InvalidEvent, parse_event
+from scheduler.runs import (
+    FlowDefinitionError,
+    add_run,
+    enqueue_run,
+    enqueue_stranded_runs,
+    unqueued_runs,
+)
+
+log = logging.getLogger(__name__)
+
+# Entries read per XREADGROUP, and claimed per XAUTOCLAIM.
+READ_COUNT = 10
+# How long one read waits for new entries; it bounds how late a stop request is noticed.
+READ_BLOCK_MS = 1000
+# How often a scheduler looks for entries another one left pending.
+CLAIM_INTERVAL_S = 1.0
+# How often the stream is trimmed and stranded runs re-queued, by one scheduler at a time.
+HOUSEKEEPING_INTERVAL_S = 30.0
+# Waits after a database or Redis failure: doubling from the first to the last.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+# Failures of the services the scheduler depends on, as opposed to faults of the event.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    redis.RedisError,
+    KombuError,
+    CeleryError,
+    OSError,
+)
+
+
+class Outcome(StrEnum):
+    """What the scheduler did with one stream entry."""
+
+    ACCEPTED = "accepted"
+    # The same source and id were accepted before: no new run, only its runs made sure of.
+    DUPLICATE = "duplicate"
+    DEAD = "dead"
+    # The entry was deleted from the stream while pending: nothing left to do.
+    GONE = "gone"
+    # A database or Redis failure: not acknowledged, to be read again.
+    PENDING = "pending"
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What became of one stream entry."""
+
+    stream_id: str
+    outcome: Outcome
+    run_ids: tuple[str, ...] = ()
+    reason: str | None = None
+
+
+class UnusableEvent(Exception):
+    """Raised when an event cannot become runs; its message is the dead letter's reason."""
+
+
+Entry = tuple[bytes, Mapping[bytes, bytes] | None]
+
+
+class Scheduler:
+    """One scheduler process's reading of the events stream, as `consumer` in the group."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, consumer: str) -> None:
+        if redis_client.get_connection_kwargs().get("decode_responses"):
+            # An event that is not UTF-8 must reach the dead letters, not break the read.
+            raise ValueError("the scheduler needs a Redis client that returns bytes")
+        self.settings = settings
+        self.redis = redis_client
+        self.consumer = consumer
+        # After a failure, or on start, first read again what this consumer holds pending.
+        self._read_own_pending = True
+        self._claim_cursor = "0-0"
+        self._group_ready = False
+
+    def ensure_group(self) -> None:
+        """Create the consumer group, reading from the stream's start, unless it exists."""
+        try:
+            # From 0, not $: events pushed before the first scheduler ever started count too.
+            self.redis.xgroup_create(
+                keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, id="0", mkstream=True
+            )
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def step(
+        self, *, block_ms: int | None = None, stop: threading.Event | None = None
+    ) -> list[Handled]:
+        """Read one batch (this consumer's pending entries first, then new ones) and handle it."""
+        if not self._group_ready:
+            self.ensure_group()
+        entries: list[Entry] = []
+        if self._read_own_pending:
+            entries = self._read("0", block_ms=None)
+            self._read_own_pending = bool(entries)
+        if not entries:
+            entries = self._read(">", block_ms=block_ms)
+        return self.handle_entries(entries, stop=stop)
+
+    def _read(self, start: str, *, block_ms: int | None) -> list[Entry]:
+        try:
+            reply: Any = self.redis.xreadgroup(
+                keys.SCHEDULERS_GROUP,
+                self.consumer,
+                {keys.EVENTS_STREAM: start},
+                count=READ_COUNT,
+                block=block_ms,
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the stream was deleted under us: create it again
+                self._group_ready = False
+            raise
+        return reply[0][1] if reply else []
+
+    def claim_idle(self, *, stop: threading.Event | None = None) -> list[Handled]:
+        """Take over and handle entries left pending on any consumer past `events_claim_idle_s`."""
+        if not self._group_ready:
+            self.ensure_group()
+        reply = self.redis.xautoclaim(
+            keys.EVENTS_STREAM,
+            keys.SCHEDULERS_GROUP,
+            self.consumer,
+            min_idle_time=int(self.settings.events_claim_idle_s * 1000),
+            start_id=self._claim_cursor,
+            count=READ_COUNT,
+        )
+        # Redis 7 adds a third element, the ids it dropped because they were deleted.
+        cursor, entries = reply[0], reply[1]
+        self._claim_cursor = _text(cursor)
+        if entries:
+            log.info("claimed %d idle events from other schedulers", len(entries))
+        return self.handle_entries(entries, stop=stop)
+
+    def handle_entries(
+        self, entries: Iterable[Entry], *, stop: threading.Event | None = None
+    ) -> list[Handled]:
+        """Handle entries in order; at a failure or a stop request, leave the rest pending."""
+        handled: list[Handled] = []
+        for raw_id, fields in entries:
+            if stop is not None and stop.is_set():
+                break
+            stream_id = _text(raw_id)
+            try:
+                result = self.handle_entry(stream_id, fields)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("event %s left pending: %s", stream_id, exc)
+                self._read_own_pending = True
+                handled.append(Handled(stream_id, Outcome.PENDING, reason=str(exc)))
+                break
+            handled.append(result)
+        return handled
+
+    def handle_entry(self, stream_id: str, fields: Mapping[bytes, bytes] | None) -> Handled:
+        """Turn one stream entry into runs or a dead letter, and acknowledge it."""
+        if not fields:  # deleted from the stream while it was pending
+            self._ack(stream_id)
+            return Handled(stream_id, Outcome.GONE)
+        raw = fields.get(EVENT_FIELD.encode())
+        try:
+            if raw is None:
+                names = sorted(_text(name) for name in fields)
+                raise UnusableEvent(f"the entry has no {EVENT_FIELD!r} field, only {names}")
+            event = _parse(raw)
+            outcome, run_ids = self._accept(stream_id, event)
+        except UnusableEvent as exc:
+            self._dead_letter(stream_id, raw or b"", str(exc))
+            return Handled(stream_id, Outcome.DEAD, reason=str(exc))
+        self._ack(stream_id)
+        return Handled(stream_id, outcome, tuple(run_ids))
+
+    def _accept(self, stream_id: str, event: dict[str, Any]) -> tuple[Outcome, list[str]]:
+        url = self.settings.resolved_database_url
+        try:
+            with session_scope(url) as session:
+                accepted = _accepted(session, event)
+                if accepted is None:
+                    run_ids = _add_runs(session, event)
+                    session.add(
+                        AcceptedEvent(
+                            source=event["source"],
+                            event_id=event["id"],
+                            event_type=event["type"],
+                            stream_id=stream_id,
+                            run_ids=run_ids,
+                        )
+                    )
+                    outcome, to_queue = Outcome.ACCEPTED, run_ids
+                else:
+                    run_ids = list(accepted.run_ids)
+                    # The first delivery may have died between its commit and its queuing.
+                    outcome, to_queue = Outcome.DUPLICATE, unqueued_runs(session, run_ids)
+        except DataError as exc:
+            # The database refuses a value of the event (PostgreSQL and "\u0000" in JSON text):
+            # every retry would fail the same way and hold up the entries behind it.
+            raise UnusableEvent(f"the database refused the event: {exc.orig}") from exc
+        except IntegrityError:
+            # Another scheduler accepted the same source and id first: this one is a duplicate.
+            with session_scope(url) as session:
+                accepted = _accepted(session, event)
+                if accepted is None:
+                    raise
+                run_ids = list(accepted.run_ids)
+                outcome, to_queue = Outcome.DUPLICATE, unqueued_runs(session, run_ids)
+        for run_id in to_queue:
+            enqueue_run(self.settings, run_id)
+        if outcome == Outcome.ACCEPTED:
+            log.info("event %s/%s: %d runs", event["source"], event["id"], len(run_ids))
+        return outcome, run_ids
+
+    def _dead_letter(self, stream_id: str, raw: bytes, reason: str) -> None:
+        log.warning("event %s is a dead letter: %s", stream_id, reason)
+        letter = {
+            "event": raw[:MAX_EVENT_BYTES],
+            "reason": reason,
+            "stream_id": stream_id,
+            "consumer": self.consumer,
+            "time": utcnow().isoformat(),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            keys.DEAD_EVENTS_STREAM,
+            letter,  # type: ignore[arg-type]
+            maxlen=self.settings.dead_events_max_len,
+            approximate=True,
+        )
+        pipe.xack(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, stream_id)
+        pipe.execute()
+
+    def _ack(self, stream_id: str) -> None:
+        self.redis.xack(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, stream_id)
+
+    def release(self, stream_ids: Iterable[str]) -> None:
+        """Hand entries this consumer holds to the next scheduler that looks for idle ones."""
+        ids: list[int | bytes | str | memoryview] = list(stream_ids)
+        if ids:
+            idle_ms = int(self.settings.events_claim_idle_s * 1000) + 1
+            self.redis.xclaim(
+                keys.EVENTS_STREAM,
+                keys.SCHEDULERS_GROUP,
+                self.consumer,
+                0,
+                ids,
+                idle=idle_ms,
+                justid=True,
+            )
+
+    def trim(self) -> int:
+        """Trim the stream to about `events_max_len` entries, never past an unacknowledged one."""
+        if not self._group_ready:
+            self.ensure_group()
+        pipe = self.redis.pipeline(transaction=True)
+        # Read in one MULTI: an entry delivered between two separate reads could be trimmed.
+        pipe.xinfo_groups(keys.EVENTS_STREAM)
+        pipe.xpending(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP)
+        pipe.xrevrange(keys.EVENTS_STREAM, count=self.settings.events_max_len + 1)
+        groups, pending, newest = pipe.execute()
+        if len(newest) <= self.settings.events_max_len:
+            return 0
+        bounds = [_stream_id(_text(newest[-2][0]))]  # the oldest entry to keep
+        for group in groups:
+            # Entries after a group's last delivered one have not been read by it yet.
+            bounds.append(_next_id(_stream_id(_text(group["last-delivered-id"]))))
+        if pending["pending"]:
+            bounds.append(_stream_id(_text(pending["min"])))
+        low = min(bounds)
+        removed = int(
+            self.redis.xtrim(keys.EVENTS_STREAM, minid=f"{low[0]}-{low[1]}", approximate=False)
+        )
+        if removed:
+            log.info("trimmed %d acknowledged events from the stream", removed)
+        return removed
+
+    def housekeeping(self) -> None:
+        """Trim the stream and queue stranded runs, if no other scheduler did so this round."""
+        interval_ms = int(HOUSEKEEPING_INTERVAL_S * 1000)
+        if not self.redis.set(
+            keys.SCHEDULER_HOUSEKEEPING_LOCK, self.consumer, nx=True, px=interval_ms
+        ):
+            return
+        self.trim()
+        stranded = enqueue_stranded_runs(self.settings)
+        if stranded:
+            log.warning("queued %d runs that were committed but never queued", len(stranded))
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        """Handle events until `stop` is set; survive database and Redis failures."""
+        stop = stop or threading.Event()
+        backoff_s = BACKOFF_FIRST_S
+        next_claim = next_housekeeping = time.monotonic()
+        log.info("scheduler %s reading %s", self.consumer, keys.EVENTS_STREAM)
+        while not stop.is_set():
+            try:
+                handled = []
+                now = time.monotonic()
+                if now >= next_claim:
+                    handled += self.claim_idle(stop=stop)
+                    next_claim = now + CLAIM_INTERVAL_S
+                if now >= next_housekeeping:
+                    self.housekeeping()
+                    next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+                handled += self.step(block_ms=READ_BLOCK_MS, stop=stop)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("scheduler failure, retrying in %.1f s: %s", backoff_s, exc)
+                stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                continue
+            if any(h.outcome == Outcome.PENDING for h in handled):
+                stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+            else:
+                backoff_s = BACKOFF_FIRST_S
+        self._release_unhandled()
+        log.info("scheduler %s stopped", self.consumer)
+
+    def _release_unhandled(self) -> None:
+        # Entries read but not reached before the stop: another scheduler may take them at once.
+        try:
+            mine: Any = self.redis.xpending_range(
+                keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, "-", "+", READ_COUNT * 10, self.consumer
+            )
+            self.release(_text(entry["message_id"]) for entry in mine)
+        except redis.RedisError as exc:
+            log.warning("could not release pending events: %s", exc)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        return parse_event(raw)
+    except InvalidEvent as exc:
+        raise UnusableEvent(str(exc)) from exc
+
+
+def _accepted(session: Session, event: Mapping[str, Any]) -> AcceptedEvent | None:
+    return session.exec(
+        select(AcceptedEvent)
+        .where(AcceptedEvent.source == event["source"])
+        .where(AcceptedEvent.event_id == event["id"])
+    ).one_or_none()
+
+
+def _add_runs(session: Session, event: dict[str, Any]) -> list[str]:
+    """Add the run of every enabled flow the event triggers; `UnusableEvent` if one cannot be."""
+    try:
+        flows = enabled_flows_for(session, event["type"])
+    except ValidationError as exc:
+        raise UnusableEvent(f"a stored flow for type {event['type']!r} is invalid: {exc}") from exc
+    run_ids = []
+    for flow in flows:
+        if not _triggers(flow, event):
+            continue
+        try:
+            run_ids.append(add_run(session, flow.name, flow.step_dicts(), event))
+        except FlowDefinitionError as exc:
+            raise UnusableEvent(str(exc)) from exc
+    return run_ids
+
+
+def _triggers(flow: FlowDefinition, event: dict[str, Any]) -> bool:
+    if not flow.trigger.if_:
+        return True
+    try:
+        return evaluate_condition(flow.trigger.if_, {"event": event})
+    except TemplateProblem as exc:
+        raise UnusableEvent(f"flow {flow.name!r}, trigger.if: {exc}") from exc
+    except Exception as exc:
+        # A person's expression on a producer's data can raise anything (`1 / 0`, `'a' + 1`);
+        # it is the event's fault, and must not stop the scheduler on every delivery.
+        raise UnusableEvent(
+            f"flow {flow.name!r}, trigger.if {flow.trigger.if_!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _next_id(stream_id: tuple[int, int]) -> tuple[int, int]:
+    return stream_id[0], stream_id[1] + 1

@@ -1,0 +1,101 @@
+"""The producer API: CloudEvents built, checked before sending, and added to the stream."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pytest
+import redis
+
+from entraflow import keys
+from scheduler.producer import InvalidEvent, build_event, parse_event, publish_event, publish_raw
+
+
+def stream(redis_client: redis.Redis) -> list[dict[str, Any]]:
+    entries: Any = redis_client.xrange(keys.EVENTS_STREAM)
+    return [json.loads(fields[b"event"]) for _, fields in entries]
+
+
+def test_publish_event_adds_a_structured_cloudevent_and_returns_its_id(
+    redis_client: redis.Redis,
+) -> None:
+    event_id = publish_event(
+        redis_client,
+        type="hr.employee.hired",
+        source="hr/workday",
+        data={"user_id": "u1", "department": "Sales"},
+        subject="u1",
+        tenant="contoso",
+    )
+
+    [event] = stream(redis_client)
+    assert event_id == event["id"] and uuid.UUID(event_id).version == 4
+    assert event["specversion"] == "1.0"
+    assert (event["type"], event["source"], event["subject"]) == (
+        "hr.employee.hired",
+        "hr/workday",
+        "u1",
+    )
+    assert event["datacontenttype"] == "application/json"
+    assert event["data"] == {"user_id": "u1", "department": "Sales"}
+    assert event["tenant"] == "contoso"
+    assert datetime.fromisoformat(event["time"]).tzinfo is not None
+
+
+def test_a_given_id_is_kept(redis_client: redis.Redis) -> None:
+    assert publish_event(redis_client, type="t", source="s", id="evt-7") == "evt-7"
+    assert stream(redis_client)[0]["id"] == "evt-7"
+
+
+def test_publish_raw_returns_the_stream_id(redis_client: redis.Redis) -> None:
+    raw = json.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": "t"})
+
+    stream_id = publish_raw(redis_client, raw)
+
+    [(entry_id, fields)] = redis_client.xrange(keys.EVENTS_STREAM)
+    assert entry_id.decode() == stream_id
+    assert fields == {b"event": raw.encode()}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("nope", "not JSON"),
+        ('"a string"', "JSON string, not an object"),
+        ('{"specversion": "1.0", "source": "s", "type": "t"}', "'id' must be a non-empty string"),
+        ('{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": 3}', "JSON number"),
+    ],
+)
+def test_publish_raw_refuses_an_invalid_event_and_pushes_nothing(
+    redis_client: redis.Redis, raw: str, reason: str
+) -> None:
+    with pytest.raises(InvalidEvent, match=reason):
+        publish_raw(redis_client, raw)
+    assert redis_client.exists(keys.EVENTS_STREAM) == 0
+
+
+def test_an_event_over_the_cap_is_refused_before_sending(redis_client: redis.Redis) -> None:
+    with pytest.raises(InvalidEvent, match="the limit is 262144"):
+        publish_event(redis_client, type="t", source="s", data={"blob": "x" * 300_000})
+    assert redis_client.exists(keys.EVENTS_STREAM) == 0
+
+
+@pytest.mark.parametrize("name", ["Tenant", "trace-id", "specversion"])
+def test_a_bad_extension_attribute_name_is_refused(name: str) -> None:
+    with pytest.raises(InvalidEvent, match="extension attribute"):
+        build_event(type="t", source="s", **{name: "x"})
+
+
+def test_an_empty_type_is_refused() -> None:
+    with pytest.raises(InvalidEvent, match="'type' must be a non-empty string"):
+        build_event(type="", source="s")
+
+
+def test_parse_event_treats_null_data_as_no_data() -> None:
+    event = parse_event(
+        b'{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": null}'
+    )
+    assert event["data"] is None
