@@ -19,14 +19,16 @@ from pathlib import Path
 
 from celery import chain
 
-from entraflow.cli.demo import DEMO_STEPS
 from entraflow.cli.stack import LocalStack
 from entraflow.settings import get_settings
 from models.history import wait_for_run
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
+from scheduler.flows import load_flows
 from scheduler.runs import start_run
 
 RUN_TIMEOUT_S = 60.0
+EXAMPLE_FLOWS = Path(__file__).resolve().parent.parent / "entraflow" / "examples" / "flows"
+STEPS = load_flows(EXAMPLE_FLOWS / "membership-round-trip.yaml")[0].step_dicts()
 WARMUP_RUNS = 3
 
 
@@ -46,7 +48,7 @@ def entraflow_latencies_s(stack: LocalStack, runs: int) -> list[float]:
     samples = []
     for index in range(WARMUP_RUNS + runs):
         started = time.perf_counter()
-        run_id = start_run(stack.settings, "bench", DEMO_STEPS, {**event, "id": str(index)})
+        run_id = start_run(stack.settings, "bench", STEPS, {**event, "id": str(index)})
         run = wait_for_run(
             stack.settings.resolved_database_url, run_id, timeout_s=RUN_TIMEOUT_S, poll_s=0.002
         )
@@ -73,7 +75,7 @@ def noop_latencies_s(redis_url: str, runs: int) -> list[float]:
         samples = []
         for index in range(WARMUP_RUNS + runs):
             started = time.perf_counter()
-            links = [noop.si(str(index), str(step)) for step in range(len(DEMO_STEPS))]
+            links = [noop.si(str(index), str(step)) for step in range(len(STEPS))]
             chain(*links).apply_async().get(timeout=RUN_TIMEOUT_S, interval=0.002)
             elapsed_s = time.perf_counter() - started
             if index >= WARMUP_RUNS:

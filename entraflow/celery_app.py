@@ -14,13 +14,9 @@ from entraflow import keys
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings
 
-# A message not acknowledged within this time is delivered again by the Redis transport.
-# It must be longer than any countdown a step asks for (see MAX_RETRY_COUNTDOWN_S).
-VISIBILITY_TIMEOUT_S = 900
-# The longest countdown a step may go back to the queue with.
-MAX_RETRY_COUNTDOWN_S = 600
-
-assert MAX_RETRY_COUNTDOWN_S < VISIBILITY_TIMEOUT_S
+# A countdown waits on the broker unacknowledged, so it must end well within the visibility
+# timeout or Redis delivers the message a second time: this share of it at most.
+COUNTDOWN_SHARE_OF_VISIBILITY = 0.75
 
 app = Celery("entraflow", include=["worker.tasks"])
 
@@ -30,7 +26,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker = redis_url(settings)
     return {
         "broker_url": broker,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
         # Run history lives in SQL; task results would only duplicate it.
         "task_ignore_result": True,
@@ -46,6 +42,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "enable_utc": True,
     }
+
+
+def max_retry_countdown_s(settings: Settings) -> float:
+    """The longest countdown a step may go back to the queue with; longer waits take two hops."""
+    return settings.visibility_timeout_s * COUNTDOWN_SHARE_OF_VISIBILITY
 
 
 def _configure(sender: Celery, **_: Any) -> None:

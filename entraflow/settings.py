@@ -28,6 +28,9 @@ DEFAULT_MAX_GRAPH_ATTEMPTS = 8
 DEFAULT_MAX_GRAPH_RETRY_TIME_S = 180.0
 # Timeout of one HTTP request to Graph or the token endpoint (connect, read).
 DEFAULT_HTTP_TIMEOUT_S = 30.0
+# A message a worker took and never acknowledged (the worker died) is delivered again after
+# this long. Countdowns are kept shorter than it (see entraflow.celery_app).
+DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
 # A step message delivered this many times without the step finishing fails the step.
 DEFAULT_MAX_STEP_DELIVERIES = 10
 # The scheduler trims the events stream to about this many entries, never an unacknowledged one.
@@ -67,6 +70,7 @@ class Settings(BaseSettings):
     max_graph_retry_time_s: float = DEFAULT_MAX_GRAPH_RETRY_TIME_S
     http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
     max_step_deliveries: int = DEFAULT_MAX_STEP_DELIVERIES
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
 
     events_max_len: int = DEFAULT_EVENTS_MAX_LEN
     dead_events_max_len: int = DEFAULT_DEAD_EVENTS_MAX_LEN

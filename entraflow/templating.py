@@ -16,6 +16,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 _environment = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 STEPS_NAME = "steps"
+# What evaluating a template over an event can raise: Jinja's own errors, and the Python errors
+# of the expressions it runs (`1 / 0`, `'a' + 1`, `event.data.items[3]`).
+EVALUATION_ERRORS = (TemplateError, ArithmeticError, TypeError, ValueError, LookupError)
 
 
 class TemplateProblem(ValueError):
@@ -48,8 +51,8 @@ def render_value(value: Any, context: Mapping[str, Any]) -> Any:
         return value
     try:
         return _environment.from_string(value).render(**context)
-    except TemplateError as exc:
-        raise TemplateProblem(f"template {value!r}: {exc}") from exc
+    except EVALUATION_ERRORS as exc:
+        raise TemplateProblem(f"template {value!r}: {_describe(exc)}") from exc
 
 
 def render_inputs(templates: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,8 +64,8 @@ def evaluate_condition(condition: str, context: Mapping[str, Any]) -> bool:
     """The truth of an `if`, written as `{{ expression }}` or as a bare expression."""
     try:
         return bool(_environment.compile_expression(_expression_of(condition))(**context))
-    except TemplateError as exc:
-        raise TemplateProblem(f"condition {condition!r}: {exc}") from exc
+    except EVALUATION_ERRORS as exc:
+        raise TemplateProblem(f"condition {condition!r}: {_describe(exc)}") from exc
 
 
 def _expression_of(condition: str) -> str:
@@ -80,8 +83,8 @@ def template_reads(value: str) -> TemplateReads:
         tree = _environment.parse(value)
         # Compiling also catches what parsing lets through, such as an unknown filter.
         _environment.compile(tree)
-    except TemplateError as exc:
-        raise TemplateProblem(f"template {value!r}: {exc}") from exc
+    except EVALUATION_ERRORS as exc:
+        raise TemplateProblem(f"template {value!r}: {_describe(exc)}") from exc
     return _reads_of(tree)
 
 
@@ -92,8 +95,8 @@ def condition_reads(condition: str) -> TemplateReads:
         # The very check `evaluate_condition` makes first; the wrapped form gives the tree.
         _environment.compile_expression(expression)
         tree = _environment.parse(f"{{{{ {expression} }}}}")
-    except TemplateError as exc:
-        raise TemplateProblem(f"condition {condition!r}: {exc}") from exc
+    except EVALUATION_ERRORS as exc:
+        raise TemplateProblem(f"condition {condition!r}: {_describe(exc)}") from exc
     return _reads_of(tree)
 
 
@@ -123,3 +126,9 @@ def _reads_steps(node: nodes.Node) -> bool:
 
 def _is_string_constant(node: nodes.Node) -> TypeGuard[nodes.Const]:
     return isinstance(node, nodes.Const) and isinstance(node.value, str)
+
+
+def _describe(exc: Exception) -> str:
+    # Jinja's messages stand alone; a Python error needs its name ("division by zero" alone
+    # does not say what went wrong).
+    return str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"

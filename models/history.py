@@ -9,6 +9,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from models.db import session_scope
+from models.flows import AcceptedEvent
 from models.runs import FlowRun, RunStatus, StepRun
 
 FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
@@ -87,3 +88,28 @@ def wait_for_run(
             status = run["status"] if run else "missing"
             raise TimeoutError(f"run {run_id} is still {status} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def wait_for_event_runs(
+    database_url: str, source: str, event_id: str, *, timeout_s: float, poll_s: float = 0.05
+) -> list[dict[str, Any]]:
+    """The runs an event produced, once the scheduler accepted it and every run has ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session_scope(database_url) as session:
+            accepted = session.exec(
+                select(AcceptedEvent)
+                .where(AcceptedEvent.source == source)
+                .where(AcceptedEvent.event_id == event_id)
+            ).one_or_none()
+            run_ids = list(accepted.run_ids) if accepted is not None else None
+        if run_ids is not None:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"event {source}/{event_id} was not accepted in {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    remaining_s = max(deadline - time.monotonic(), 0.0)
+    return [
+        wait_for_run(database_url, run_id, timeout_s=remaining_s, poll_s=poll_s)
+        for run_id in run_ids
+    ]

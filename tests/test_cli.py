@@ -123,7 +123,9 @@ def test_a_wrong_client_secret_gives_one_clear_line_and_never_the_secret(
     assert wrong not in result.stdout + result.stderr
 
 
-def test_the_demo_runs_all_four_actions_through_a_worker_and_exits_zero(tmp_path: Path) -> None:
+def test_the_demo_runs_example_events_through_scheduler_and_worker_and_exits_zero(
+    tmp_path: Path,
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENTRAFLOW_")}
     env["ENTRAFLOW_HOME"] = str(tmp_path / "home")
     result = subprocess.run(
@@ -135,13 +137,15 @@ def test_the_demo_runs_all_four_actions_through_a_worker_and_exits_zero(tmp_path
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    round_trip = result.stdout.split("demo.membership.checked")[1]
     for step_id, action in (
         ("user", "lookup_user"),
         ("group", "lookup_group"),
         ("add", "add_user_to_group"),
         ("remove", "remove_member_from_group"),
     ):
-        assert f"[succeeded] {step_id}: {action}" in result.stdout
-    assert "Run succeeded" in result.stdout
+        assert f"[succeeded] {step_id}: {action}" in round_trip
+    assert "went to entraflow:events:dead" in result.stdout
+    assert "All runs ended" in result.stdout
     # It stopped the Redis it started.
     assert not (tmp_path / "home" / "redis" / "port").exists()

@@ -25,7 +25,7 @@ from scheduler.flows import (
     set_enabled,
 )
 
-EXAMPLE_FLOWS = Path(__file__).parent.parent / "examples" / "flows"
+EXAMPLE_FLOWS = Path(__file__).parent.parent / "entraflow" / "examples" / "flows"
 
 GOOD_FLOW: dict[str, Any] = {
     "name": "add-new-sales-hire",

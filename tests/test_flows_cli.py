@@ -24,7 +24,7 @@ from sandbox.directory import (
 )
 from sandbox.server import SandboxServer
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parent.parent / "entraflow" / "examples"
 EXAMPLE_FLOWS = EXAMPLES / "flows"
 EXAMPLE_EVENTS = EXAMPLES / "events"
 COMMAND_TIMEOUT_S = 60

@@ -295,3 +295,14 @@ def test_secret_looking_inputs_are_redacted_for_the_history() -> None:
         "client_secret": "[redacted]",
         "accessToken": "[redacted]",
     }
+
+
+def test_a_template_raising_a_python_error_fails_the_step_clearly(
+    unit_settings: Settings, lock_redis: redis.Redis
+) -> None:
+    steps = [{"id": "user", "action": "lookup_user", "with": {"upn": "{{ event.data.upn / 0 }}"}}]
+    run_id = create_run(unit_settings, "f", steps, EVENT)
+    with pytest.raises(StepFailed) as raised:
+        execute_step(unit_settings, lock_redis, run_id, "user", "lookup_user", performer({}))
+    assert raised.value.error["outcome"] == "invalid_input"
+    assert "TypeError" in raised.value.error["message"]

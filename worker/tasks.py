@@ -17,7 +17,7 @@ from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from entraflow.catalogue import ACTIONS
-from entraflow.celery_app import MAX_RETRY_COUNTDOWN_S, app
+from entraflow.celery_app import app, max_retry_countdown_s
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from models.db import forget_engines
@@ -73,7 +73,7 @@ class StepTask(Task):
             log.info("ignored a duplicate delivery: %s", exc)
             raise Ignore() from exc
         except RetryLater as exc:
-            countdown_s = min(exc.countdown_s, MAX_RETRY_COUNTDOWN_S)
+            countdown_s = min(exc.countdown_s, max_retry_countdown_s(get_settings()))
             log.info("step %s/%s retries in %.1f s: %s", run_id, step_id, countdown_s, exc)
             raise self.retry(countdown=countdown_s, exc=exc) from exc
         except (OperationalError, redis.RedisError) as exc:

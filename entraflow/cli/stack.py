@@ -1,7 +1,8 @@
-"""A whole entraflow on one machine: Redis, the Graph sandbox and real worker processes.
+"""A whole entraflow on one machine: Redis, the Graph sandbox, real workers and schedulers.
 
 The demo runs on it; so do the integration tests and the benchmarks. Everything it starts, it
-stops, and a worker is a real `entraflow worker` process talking to the sandbox over HTTP.
+stops. Workers and schedulers are real `entraflow worker` and `entraflow scheduler` processes,
+and the workers talk to the sandbox over HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from pydantic import SecretStr
 
@@ -21,21 +23,23 @@ from entraflow.settings import Settings
 from sandbox.directory import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_TENANT_ID
 from sandbox.server import SandboxServer
 
-# How long a worker may take to finish its current task after SIGTERM.
-WORKER_STOP_TIMEOUT_S = 20.0
+# How long a worker or scheduler may take to finish its current work after SIGTERM.
+PROCESS_STOP_TIMEOUT_S = 20.0
 
 
 @dataclass
 class LocalStack:
-    """Redis (the configured one or the embedded one), the sandbox, and `workers` workers."""
+    """Redis (the configured one or the embedded one), the sandbox, workers and schedulers."""
 
     home: Path
     redis_url: str | None = None
     database_url: str | None = None
     workers: int = 1
     concurrency: int = 2
+    schedulers: int = 0
     sandbox: SandboxServer = field(default_factory=SandboxServer)
     worker_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    scheduler_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _started_redis: bool = False
 
     def __enter__(self) -> LocalStack:
@@ -91,38 +95,54 @@ class LocalStack:
         self.sandbox.start()
         for _ in range(self.workers):
             self.start_worker()
+        for _ in range(self.schedulers):
+            self.start_scheduler()
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """Start one more worker process; its log goes to the stack's home."""
         index = len(self.worker_processes)
-        log_path = self.home / f"worker-{index}.log"
-        command = [
-            sys.executable, "-m", "entraflow", "worker",
+        process = self._spawn(
+            "worker",
             f"--concurrency={self.concurrency}",
             f"--hostname=worker{index}-{os.getpid()}@%h",
-            "--without-gossip", "--without-mingle",
-            f"--logfile={log_path}",
-        ]  # fmt: skip
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, **self.env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            "--without-gossip",
+            "--without-mingle",
+            f"--logfile={self.home / f'worker-{index}.log'}",
         )
         self.worker_processes.append(process)
         return process
 
+    def start_scheduler(self) -> subprocess.Popen[bytes]:
+        """Start one more scheduler process; its log goes to the stack's home."""
+        index = len(self.scheduler_processes)
+        with (self.home / f"scheduler-{index}.log").open("ab") as log:
+            process = self._spawn(
+                "scheduler", f"--consumer=scheduler{index}-{os.getpid()}", output=log
+            )
+        self.scheduler_processes.append(process)
+        return process
+
+    def _spawn(self, *args: str, output: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "entraflow", *args],
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=output or subprocess.DEVNULL,
+            stderr=output or subprocess.DEVNULL,
+        )
+
     def stop(self) -> None:
-        for process in self.worker_processes:
+        processes = [*self.scheduler_processes, *self.worker_processes]
+        for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.worker_processes:
+        for process in processes:
             try:
-                process.wait(timeout=WORKER_STOP_TIMEOUT_S)
+                process.wait(timeout=PROCESS_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self.scheduler_processes.clear()
         self.worker_processes.clear()
         self.sandbox.stop()
         if self._started_redis:
