@@ -73,7 +73,12 @@ def test_a_good_flow_loads_as_written(tmp_path: Path) -> None:
 
 def test_the_example_flows_pass_validation() -> None:
     names = [flow.name for flow in load_flows(EXAMPLE_FLOWS)]
-    assert names == ["add-new-sales-hire", "grant-project-access", "remove-leaver"]
+    assert names == [
+        "add-new-sales-hire",
+        "grant-project-access",
+        "membership-round-trip",
+        "remove-leaver",
+    ]
 
 
 @pytest.mark.parametrize(

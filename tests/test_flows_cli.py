@@ -88,6 +88,7 @@ def test_apply_reports_created_then_unchanged_and_list_shows_the_flows(settings:
     assert first.stdout.splitlines() == [
         "created    add-new-sales-hire  (version 1)",
         "created    grant-project-access  (version 1)",
+        "created    membership-round-trip  (version 1)",
         "created    remove-leaver  (version 1)",
     ]
     again = run("flows", "apply", str(EXAMPLE_FLOWS / "remove-leaver.yaml"))
@@ -96,6 +97,7 @@ def test_apply_reports_created_then_unchanged_and_list_shows_the_flows(settings:
     assert [(f["name"], f["trigger"], f["enabled"], f["steps"]) for f in listed] == [
         ("add-new-sales-hire", "hr.employee.hired", True, 2),
         ("grant-project-access", "it.access.requested", True, 3),
+        ("membership-round-trip", "demo.membership.checked", True, 4),
         ("remove-leaver", "hr.employee.left", True, 2),
     ]
     table = run("flows", "list")
@@ -132,6 +134,7 @@ def test_disable_and_enable_switch_a_flow(applied: Settings) -> None:
     assert flags == {
         "add-new-sales-hire": True,
         "grant-project-access": True,
+        "membership-round-trip": True,
         "remove-leaver": False,
     }
     assert run("flows", "enable", "remove-leaver").exit_code == 0
