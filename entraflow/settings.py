@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DEFAULT_WRITE_WINDOW_S = 150.0
 # Graph's resource-unit budget per app and tenant for a tenant of more than 500 users.
 DEFAULT_RU_PER_WINDOW = 8000
 DEFAULT_RU_WINDOW_S = 10.0
+# Bulk (low-priority) work may use at most this share of either budget: the rest is kept for
+# interactive flows.
+DEFAULT_LOW_PRIORITY_BUDGET_SHARE = 0.9
 
 # Refetch an access token this long before Graph would refuse it.
 DEFAULT_TOKEN_REFRESH_MARGIN_S = 300.0
@@ -39,6 +43,17 @@ DEFAULT_EVENTS_MAX_LEN = 100_000
 DEFAULT_DEAD_EVENTS_MAX_LEN = 100_000
 # An event a scheduler has read but not acknowledged for this long is taken over by another.
 DEFAULT_EVENTS_CLAIM_IDLE_S = 60.0
+
+
+class PatchWriteCost(StrEnum):
+    """How many writes Graph charges for a `PATCH /groups/{id}` binding members (undocumented)."""
+
+    REQUEST = "request"  # one write for the whole request
+    MEMBER = "member"  # one write per member bound
+
+
+# What the budget charges a members@odata.bind PATCH until Graph's own count says otherwise.
+DEFAULT_PATCH_WRITE_COST = PatchWriteCost.REQUEST
 
 
 class Settings(BaseSettings):
@@ -63,6 +78,8 @@ class Settings(BaseSettings):
     write_window_s: float = DEFAULT_WRITE_WINDOW_S
     ru_per_window: int = DEFAULT_RU_PER_WINDOW
     ru_window_s: float = DEFAULT_RU_WINDOW_S
+    patch_write_cost: PatchWriteCost = DEFAULT_PATCH_WRITE_COST
+    low_priority_budget_share: float = DEFAULT_LOW_PRIORITY_BUDGET_SHARE
 
     token_refresh_margin_s: float = DEFAULT_TOKEN_REFRESH_MARGIN_S
     max_inprocess_wait_s: float = DEFAULT_MAX_INPROCESS_WAIT_S
