@@ -11,6 +11,8 @@ SCHEDULERS_GROUP = f"{PREFIX}schedulers"
 # Held by the one scheduler that trims the stream and re-queues stranded runs this round.
 SCHEDULER_HOUSEKEEPING_LOCK = f"{PREFIX}lock:scheduler:housekeeping"
 
+# Held by the one process refreshing the delegated connection's tokens; the others wait for it.
+CONNECTION_REFRESH_LOCK = f"{PREFIX}lock:connection:refresh"
 
 # The Celery queue that carries flow-run steps.
 FLOWS_QUEUE = f"{PREFIX}flows"

@@ -13,10 +13,11 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
+from sandbox.authorize import authorize
 from sandbox.config import SandboxConfig
 from sandbox.directory import Directory
 from sandbox.faults import FaultBook, FaultRule
@@ -32,12 +33,15 @@ from sandbox.odata import parse_query, path_segments
 from sandbox.responses import GraphAnswer, GraphError, SandboxResponse
 from sandbox.stats import RouteKind, Stats
 from sandbox.throttle import MAX_REPORTED_RATIO, WARNING_RATIO, Throttle, Verdict
-from sandbox.tokens import IssuedToken, TokenIssuer
+from sandbox.tokens import IssuedToken, TokenIssuer, normalize_scope
 
 GRAPH_PREFIX = "/v1.0"
 CONTROL_PREFIX = "/_sandbox"
 BATCH_SEGMENTS = ["$batch"]
 _TOKEN_PATH = re.compile(r"^/([^/]+)/oauth2/v2\.0/token$")
+_AUTHORIZE_PATH = re.compile(r"^/([^/]+)/oauth2/v2\.0/authorize$")
+# `/me` is the signed-in user of a delegated token.
+ME_SEGMENT = "me"
 _CONTROL_MEMBERS_PATH = re.compile(r"^/groups/([^/]+)/members$")
 # Graph's challenge on a 401, naming the identity platform and Graph's own app id.
 WWW_AUTHENTICATE = (
@@ -119,6 +123,29 @@ class SandboxApp:
         token: str = response.json()["access_token"]
         return token
 
+    def set_consented_scopes(self, scopes: Sequence[str] | None) -> None:
+        """Grant exactly these Graph permissions at sign-in, whatever is asked; None: as asked."""
+        names = None if scopes is None else [normalize_scope(scope) for scope in scopes]
+        if names is not None and None in names:
+            raise ValueError(f"unknown scope in {list(scopes or [])}")
+        with self._lock:
+            self._tokens.consented_scopes = None if names is None else tuple(filter(None, names))
+
+    def revoke_refresh_tokens(self, account_upn: str) -> int:
+        """Revoke the account's refresh tokens, as a password reset does; returns how many."""
+        with self._lock:
+            return self._tokens.revoke_refresh_tokens(account_upn)
+
+    def expire_refresh_tokens(self) -> int:
+        """Expire every active refresh token now; returns how many."""
+        with self._lock:
+            return self._tokens.expire_refresh_tokens()
+
+    def oauth_stats(self) -> dict[str, Any]:
+        """Codes issued and redeemed, refreshes done, refresh tokens active, consented scopes."""
+        with self._lock:
+            return self._tokens.oauth_stats()
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters, as `GET /_sandbox/stats` answers them."""
         with self._lock:
@@ -140,6 +167,12 @@ class SandboxApp:
         token_path = _TOKEN_PATH.match(path)
         if token_path is not None and method == "POST":
             return self._token(path, token_path.group(1), lowered, body)
+        authorize_path = _AUTHORIZE_PATH.match(path)
+        if authorize_path is not None and method == "GET":
+            with self._lock:
+                return authorize(
+                    self._tokens, self.config, self.directory, authorize_path.group(1), query
+                )
         return SandboxResponse.of_json(404, {"error": f"no such endpoint: {method} {path}"})
 
     def _token(
@@ -204,6 +237,8 @@ class SandboxApp:
         """
         route: Route | GraphAnswer
         try:
+            if request.segments[:1] == [ME_SEGMENT]:
+                request = self._as_signed_in_user(request, headers)
             route = resolve(request.method, request.segments)
             kind = route.kind
         except GraphError as exc:
@@ -215,6 +250,14 @@ class SandboxApp:
             if isinstance(issued, GraphAnswer):
                 self._stats.responses[issued.status] += 1
                 return issued, 0.0, False
+            if not self._tokens.permits(issued, kind):
+                answer = GraphError(
+                    403,
+                    "Authorization_RequestDenied",
+                    "Insufficient privileges to complete the operation.",
+                ).answer()
+                self._stats.responses[answer.status] += 1
+                return answer, 0.0, False
             cost = cost_of(kind, request, self.config)
             verdict = self._throttle.admit(issued.client_id, issued.tenant_id, cost, now)
             self._stats.ru_charged += verdict.ru_charged
@@ -234,6 +277,24 @@ class SandboxApp:
                 answer.headers["x-ms-throttle-limit-percentage"] = f"{ratio:.2f}"
             self._stats.responses[answer.status] += 1
         return answer, rule.delay_s if rule is not None else 0.0, verdict.early_retry
+
+    def _as_signed_in_user(self, request: GraphRequest, headers: Mapping[str, str]) -> GraphRequest:
+        """`/me...` as `/users/{upn}...` for a delegated token."""
+        with self._lock:
+            issued = self._authenticate(headers)
+            user = None
+            if not isinstance(issued, GraphAnswer) and issued.account_upn is not None:
+                user = self.directory.user(issued.account_upn)
+        if isinstance(issued, GraphAnswer):
+            return request  # refused as unauthenticated before the route matters
+        if issued.account_upn is None:
+            raise GraphError(
+                400, "BadRequest", "/me request is only valid with delegated authentication flow."
+            )
+        # By object id: a UPN such as `$svc@...` is not addressable as a plain segment.
+        key = user["id"] if user is not None else issued.account_upn
+        segments = ["users", key, *request.segments[1:]]
+        return dataclasses.replace(request, segments=segments)
 
     def _perform(
         self, route: Route | GraphAnswer, request: GraphRequest, rule: FaultRule | None
@@ -359,6 +420,18 @@ class SandboxApp:
                 return SandboxResponse.of_json(200, {"cleared": self.clear_faults()})
             case "POST", "/tokens/expire":
                 return SandboxResponse.of_json(200, {"expired": self.expire_tokens()})
+            case "GET", "/oauth":
+                return SandboxResponse.of_json(200, self.oauth_stats())
+            case "POST", "/oauth/consent":
+                self.set_consented_scopes(body.get("scopes"))
+                return SandboxResponse.of_json(200, self.oauth_stats())
+            case "POST", "/oauth/revoke":
+                if not isinstance(body.get("upn"), str):
+                    raise ValueError('give the account as {"upn": "..."}')
+                revoked = self.revoke_refresh_tokens(body["upn"])
+                return SandboxResponse.of_json(200, {"revoked": revoked})
+            case "POST", "/oauth/expire-refresh-tokens":
+                return SandboxResponse.of_json(200, {"expired": self.expire_refresh_tokens()})
             case "GET", _ if (members := _CONTROL_MEMBERS_PATH.match(path)) is not None:
                 with self._lock:
                     member_ids = self.directory.members(members.group(1))

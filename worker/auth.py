@@ -1,4 +1,4 @@
-"""App-only Graph access tokens (OAuth 2.0 client credentials), cached until near expiry."""
+"""Graph access tokens: app-only ones (client credentials), and the permissions actions need."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import quote, urlsplit
@@ -55,6 +56,31 @@ DEFAULT_HINT = "check ENTRAFLOW_TENANT_ID, ENTRAFLOW_CLIENT_ID and ENTRAFLOW_CLI
 # requests-oauthlib logs the token request body (our secret) and the token at DEBUG here.
 OAUTH_SESSION_LOGGER = "requests_oauthlib.oauth2_session"
 
+# The least-privileged delegated Graph permission of each action (GRAPH.md).
+LEAST_PRIVILEGE_BY_ACTION = {
+    "lookup_user": "User.Read.All",
+    "lookup_group": "GroupMember.Read.All",
+    "add_user_to_group": "GroupMember.ReadWrite.All",
+    "remove_member_from_group": "GroupMember.ReadWrite.All",
+}
+_GROUP_WRITERS = frozenset(
+    {"GroupMember.ReadWrite.All", "Group.ReadWrite.All", "Directory.ReadWrite.All"}
+)
+# Graph accepts a more privileged permission in place of the least one: any of these will do.
+SUFFICIENT_PERMISSIONS_BY_ACTION = {
+    "lookup_user": frozenset(
+        {"User.Read.All", "User.ReadWrite.All", "Directory.Read.All", "Directory.ReadWrite.All"}
+    ),
+    "lookup_group": _GROUP_WRITERS
+    | {"GroupMember.Read.All", "Group.Read.All", "Directory.Read.All"},
+    "add_user_to_group": _GROUP_WRITERS,
+    "remove_member_from_group": _GROUP_WRITERS,
+}
+# Asked besides the permissions: without it Entra issues no refresh token.
+OFFLINE_ACCESS = "offline_access"
+# Sign-in scopes Entra lists in its answer; they grant nothing in the directory.
+SIGN_IN_SCOPES = frozenset({"openid", "profile", "email", OFFLINE_ACCESS})
+
 SessionFactory = Callable[[BackendApplicationClient], OAuth2Session]
 
 
@@ -74,6 +100,11 @@ class _DropDebugRecords(logging.Filter):
 _DROP_DEBUG_RECORDS = _DropDebugRecords()
 
 
+def hide_token_logs() -> None:
+    """Drop requests-oauthlib's DEBUG records, which carry token request bodies and tokens."""
+    logging.getLogger(OAUTH_SESSION_LOGGER).addFilter(_DROP_DEBUG_RECORDS)
+
+
 def new_oauth2_session(client: BackendApplicationClient) -> OAuth2Session:
     """A plain requests-oauthlib session for `client`; tests pass one with a fake transport."""
     return OAuth2Session(client=client)
@@ -85,6 +116,63 @@ def scope_for_graph(graph_url: str) -> str:
     if parts.scheme.lower() != "https" or not parts.netloc:
         return PUBLIC_GRAPH_SCOPE
     return f"https://{parts.netloc}{DEFAULT_SCOPE_SUFFIX}"
+
+
+def graph_resource(graph_url: str) -> str:
+    """The Graph resource scopes are prefixed with, e.g. `https://graph.microsoft.com/`."""
+    return scope_for_graph(graph_url).removesuffix(DEFAULT_SCOPE_SUFFIX) + "/"
+
+
+def delegated_scopes(graph_url: str) -> list[str]:
+    """The scopes to ask a signing-in account for: least privilege for every action."""
+    resource = graph_resource(graph_url)
+    permissions = sorted(set(LEAST_PRIVILEGE_BY_ACTION.values()))
+    return [resource + permission for permission in permissions] + [OFFLINE_ACCESS]
+
+
+def permission_name(scope: str) -> str:
+    """`User.Read.All` for `https://graph.microsoft.com/User.Read.All` (any resource) or itself."""
+    if "://" in scope:
+        return scope.rsplit("/", 1)[-1]
+    return scope
+
+
+@dataclass(frozen=True)
+class ScopeReview:
+    """Granted permissions against the actions' needs."""
+
+    granted: tuple[str, ...]
+    # Each disabled action and the least-privileged permission it lacks.
+    missing: dict[str, str]
+    # Granted Graph permissions no action needs.
+    extra: tuple[str, ...]
+
+    @property
+    def available_actions(self) -> list[str]:
+        """The actions the granted permissions allow."""
+        return [action for action in LEAST_PRIVILEGE_BY_ACTION if action not in self.missing]
+
+    @property
+    def has_refresh(self) -> bool:
+        """Whether `offline_access` was granted, so the connection outlives its access token."""
+        return OFFLINE_ACCESS in {scope.lower() for scope in self.granted}
+
+
+def review_scopes(granted: Iterable[str]) -> ScopeReview:
+    """Which actions the granted scopes allow, and which granted permissions exceed the need."""
+    names = tuple(permission_name(scope) for scope in granted)
+    # Entra compares permission names without regard to case.
+    lowered = {name.lower() for name in names}
+    missing = {
+        action: LEAST_PRIVILEGE_BY_ACTION[action]
+        for action, sufficient in SUFFICIENT_PERMISSIONS_BY_ACTION.items()
+        if not lowered & {name.lower() for name in sufficient}
+    }
+    needed = {name.lower() for name in LEAST_PRIVILEGE_BY_ACTION.values()}
+    extra = tuple(
+        name for name in names if name.lower() not in needed and name.lower() not in SIGN_IN_SCOPES
+    )
+    return ScopeReview(names, missing, extra)
 
 
 class ClientCredentialsTokenProvider:
@@ -113,8 +201,8 @@ class ClientCredentialsTokenProvider:
         # No scope on the session or its client: oauthlib then has nothing to compare Entra's
         # answer with, and does not raise "Scope has changed" (no OAUTHLIB_RELAX_TOKEN_SCOPE).
         self._session = session_factory(BackendApplicationClient(client_id=client_id))
-        self._session.register_compliance_hook("access_token_response", _refuse_unavailable)
-        logging.getLogger(OAUTH_SESSION_LOGGER).addFilter(_DROP_DEBUG_RECORDS)
+        self._session.register_compliance_hook("access_token_response", refuse_unavailable)
+        hide_token_logs()
         self._lock = threading.Lock()
         self._access_token: str | None = None
         self._refresh_at = 0.0
@@ -189,7 +277,7 @@ class ClientCredentialsTokenProvider:
         return str(answer["access_token"]), requested_at + lifetime_s - margin_s
 
 
-def _refuse_unavailable(response: requests.Response) -> requests.Response:
+def refuse_unavailable(response: requests.Response) -> requests.Response:
     """Raise for a throttled or failing token endpoint before oauthlib parses its body."""
     # oauthlib would report an unreadable error page as a missing token.
     status = response.status_code

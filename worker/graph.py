@@ -15,12 +15,8 @@ import requests
 
 from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
 from worker.addressing import check_next_link
-from worker.auth import (
-    ClientCredentialsTokenProvider,
-    SessionFactory,
-    TokenProvider,
-    new_oauth2_session,
-)
+from worker.auth import SessionFactory, TokenProvider, new_oauth2_session
+from worker.connections import token_provider_for
 from worker.errors import (
     REQUEST_ID_HEADER,
     GraphConnectionError,
@@ -91,12 +87,10 @@ class GraphClient:
         session: requests.Session | None = None,
         token_session_factory: SessionFactory = new_oauth2_session,
     ) -> GraphClient:
-        """The client for the Graph and the app-only connection `settings` describe."""
+        """The client for the Graph `settings` name, as the stored connection or else the app."""
         return cls(
             settings.graph_url,
-            ClientCredentialsTokenProvider.from_settings(
-                settings, session_factory=token_session_factory
-            ),
+            token_provider_for(settings, token_session_factory=token_session_factory),
             session=session,
             retry_policy=RetryPolicy(
                 max_attempts=settings.max_graph_attempts,

@@ -7,6 +7,7 @@ import logging
 import click
 
 from entraflow.cli.action import action
+from entraflow.cli.connect import connect, connection, disconnect
 from entraflow.cli.demo import demo
 from entraflow.cli.events import events
 from entraflow.cli.flows import flows
@@ -26,7 +27,10 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(action)
+cli.add_command(connect)
+cli.add_command(connection)
 cli.add_command(demo)
+cli.add_command(disconnect)
 cli.add_command(events)
 cli.add_command(flower)
 cli.add_command(flows)

@@ -1,0 +1,476 @@
+"""`entraflow connect`, `connection show|check|rotate-key` and `disconnect`.
+
+`connect` signs a (service) account in with the authorization code flow and PKCE, receiving the
+code on a loopback listener or as a pasted redirect URL; `connect --app` stores client
+credentials instead. Secrets go to the database encrypted, never to the screen.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import threading
+import webbrowser
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+from pydantic import SecretStr
+
+from entraflow.secrets import SecretBox, SecretKeyError, generate_key
+from entraflow.settings import Settings, get_settings
+from models.connections import (
+    Connection,
+    ConnectionKind,
+    delete_connection,
+    load_connection,
+    reencrypt_connection,
+)
+from worker.auth import (
+    LEAST_PRIVILEGE_BY_ACTION,
+    OFFLINE_ACCESS,
+    delegated_scopes,
+    permission_name,
+    review_scopes,
+)
+from worker.connections import begin_sign_in, connect_app, finish_sign_in
+from worker.errors import EntraflowError, ForbiddenError, GraphError, NotFoundError
+from worker.graph import GraphClient
+
+LOOPBACK_HOST = "127.0.0.1"
+# Entra accepts a loopback redirect on any port when the app registers `http://localhost`.
+REDIRECT_HOST = "localhost"
+# Where the browser goes with --paste: nothing listens, the admin copies the address bar.
+PASTE_REDIRECT_URI = "http://localhost"
+# How long `connect` waits for the browser to come back, in seconds.
+DEFAULT_SIGN_IN_TIMEOUT_S = 300.0
+# The listener checks this often whether the wait is over, in seconds.
+LISTENER_POLL_S = 0.5
+# oauthlib refuses plain http unless this is set; we set it only for a loopback authority.
+INSECURE_TRANSPORT_VARIABLE = "OAUTHLIB_INSECURE_TRANSPORT"
+# A group id no tenant has: reading it shows the permission (404) without reading anything.
+NIL_GUID = "00000000-0000-0000-0000-000000000000"
+ACTION_PURPOSE = "keep the connection without signing in again (a refresh token)"
+
+
+@dataclass(frozen=True)
+class SignInOptions:
+    """Who to sign in to, and how the code comes back."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: SecretStr | None
+    account: str | None = None
+    port: int = 0
+    redirect_uri: str | None = None
+    timeout_s: float = DEFAULT_SIGN_IN_TIMEOUT_S
+    paste: bool = False
+
+
+class RedirectListener:
+    """Waits on 127.0.0.1 for the one browser request that carries the authorization code."""
+
+    def __init__(self, port: int = 0) -> None:
+        received: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = urlsplit(self.path).query
+                if "state=" in query:
+                    received.append(self.path)
+                    text = "entraflow received the sign-in. You can close this tab."
+                else:  # a favicon or a probe: not the redirect
+                    text = "entraflow is waiting for the sign-in redirect."
+                body = f"<!DOCTYPE html><html><body><p>{text}</p></body></html>".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Say nothing: the request line carries the authorization code."""
+
+        self._received = received
+        self._server = HTTPServer((LOOPBACK_HOST, port), Handler)
+        self._server.timeout = LISTENER_POLL_S
+
+    @property
+    def redirect_uri(self) -> str:
+        """The redirect URI to send Entra."""
+        return f"http://{REDIRECT_HOST}:{self._server.server_address[1]}/"
+
+    def wait(self, timeout_s: float) -> str:
+        """The redirect URL the browser brought back; ClickException after `timeout_s`."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout_s, deadline.set)
+        timer.start()
+        try:
+            while not self._received and not deadline.is_set():
+                self._server.handle_request()
+        finally:
+            timer.cancel()
+        if not self._received:
+            raise click.ClickException(
+                f"no sign-in came back within {timeout_s:g} s: run `entraflow connect` again "
+                "(or with --paste)"
+            )
+        return self.redirect_uri.rstrip("/") + self._received[0]
+
+    def close(self) -> None:
+        """Release the port."""
+        self._server.server_close()
+
+
+def sign_in(
+    settings: Settings,
+    options: SignInOptions,
+    *,
+    show_url: Callable[[str], None],
+    read_pasted: Callable[[], str],
+) -> Connection:
+    """Run the authorization code flow and store the delegated connection."""
+    box = _secret_box(settings)
+    listener = None if options.paste else RedirectListener(options.port)
+    try:
+        default_uri = listener.redirect_uri if listener else PASTE_REDIRECT_URI
+        pending = begin_sign_in(
+            settings,
+            tenant_id=options.tenant_id,
+            client_id=options.client_id,
+            redirect_uri=options.redirect_uri or default_uri,
+            login_hint=options.account,
+        )
+        show_url(pending.url)
+        if listener is None:
+            redirect_url = read_pasted()
+        else:
+            click.echo(f"Waiting up to {options.timeout_s:g} s for the sign-in to come back...")
+            redirect_url = listener.wait(options.timeout_s)
+    finally:
+        if listener is not None:
+            listener.close()
+    return finish_sign_in(
+        settings, pending, redirect_url.strip(), client_secret=options.client_secret, box=box
+    )
+
+
+@click.command()
+@click.option("--app", "app_only", is_flag=True, help="Connect as the app (client credentials).")
+@click.option("--tenant-id", help="Directory (tenant) id; default ENTRAFLOW_TENANT_ID.")
+@click.option("--client-id", help="Application (client) id; default ENTRAFLOW_CLIENT_ID.")
+@click.option(
+    "--client-secret",
+    help="Client secret; default ENTRAFLOW_CLIENT_SECRET (optional for a public client).",
+)
+@click.option("--account", help="The service account to sign in as (sent as login_hint).")
+@click.option("--port", type=int, default=0, show_default=True, help="Loopback port; 0: any.")
+@click.option("--redirect-uri", help="The redirect URI registered for the app, if not loopback.")
+@click.option("--paste", is_flag=True, help="Paste the redirect URL instead of listening for it.")
+@click.option("--no-browser", is_flag=True, help="Print the sign-in URL; do not offer a browser.")
+@click.option(
+    "--timeout-s",
+    type=float,
+    default=DEFAULT_SIGN_IN_TIMEOUT_S,
+    show_default=True,
+    help="How long to wait for the sign-in.",
+)
+@click.option(
+    "--generate-key", "new_key", is_flag=True, help="Print a new ENTRAFLOW_SECRET_KEY and exit."
+)
+def connect(
+    app_only: bool,
+    tenant_id: str | None,
+    client_id: str | None,
+    client_secret: str | None,
+    account: str | None,
+    port: int,
+    redirect_uri: str | None,
+    paste: bool,
+    no_browser: bool,
+    timeout_s: float,
+    new_key: bool,
+) -> None:
+    """Connect entraflow to Entra ID: a service account signs in, or --app."""
+    if new_key:
+        click.echo(generate_key())
+        return
+    settings = get_settings()
+    _allow_loopback_http(settings.authority_url)
+    tenant = tenant_id or settings.tenant_id
+    client = client_id or settings.client_id
+    secret = SecretStr(client_secret) if client_secret else settings.client_secret
+    if not tenant or not client:
+        raise click.UsageError(
+            "give --tenant-id and --client-id, or set ENTRAFLOW_TENANT_ID/_CLIENT_ID"
+        )
+    try:
+        if app_only:
+            if secret is None or not secret.get_secret_value():
+                raise click.UsageError("--app needs --client-secret or ENTRAFLOW_CLIENT_SECRET")
+            connection = connect_app(
+                settings,
+                tenant_id=tenant,
+                client_id=client,
+                client_secret=secret,
+                box=_secret_box(settings),
+            )
+        else:
+            _show_review_before_sign_in(settings, tenant)
+            options = SignInOptions(
+                tenant, client, secret, account, port, redirect_uri, timeout_s, paste
+            )
+            connection = sign_in(
+                settings,
+                options,
+                show_url=lambda url: _show_url(url, offer_browser=not no_browser),
+                read_pasted=lambda: click.prompt("Paste the address your browser was sent to"),
+            )
+    except EntraflowError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _show_connected(connection)
+
+
+@click.group()
+def connection() -> None:
+    """The stored connection to Entra ID."""
+
+
+@connection.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(as_json: bool) -> None:
+    """Kind, tenant, account or app, scopes, token expiry, status and the actions available."""
+    details = describe(get_settings())
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    for name, value in details.items():
+        click.echo(f"{name.replace('_', ' ')}: {_plain(value)}")
+
+
+@connection.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check(as_json: bool) -> None:
+    """Test each action's permission with a read-only request where one can."""
+    settings = get_settings()
+    try:
+        results = check_permissions(settings)
+    except EntraflowError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            click.echo(f"{result['action']}: {result['result']} ({result['detail']})")
+    if any(result["result"] in {"denied", "error"} for result in results):
+        raise SystemExit(1)
+
+
+@connection.command("rotate-key")
+def rotate_key() -> None:
+    """Re-encrypt the stored secrets with the newest key of ENTRAFLOW_SECRET_KEY."""
+    settings = get_settings()
+    box = _secret_box(settings)
+    try:
+        rotated = reencrypt_connection(settings.resolved_database_url, box.rotate)
+    except SecretKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not rotated:
+        click.echo("No stored connection: nothing to re-encrypt.")
+        return
+    click.echo(
+        "Stored secrets re-encrypted with the first key; older keys can now be removed from "
+        "ENTRAFLOW_SECRET_KEY."
+    )
+
+
+@click.command()
+def disconnect() -> None:
+    """Remove the stored connection and its tokens."""
+    if not delete_connection(get_settings().resolved_database_url):
+        click.echo("No stored connection.")
+        return
+    click.echo(
+        "Disconnected: the stored tokens and secret are removed. To invalidate the refresh "
+        "token in Entra too, revoke the account's sessions there."
+    )
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """What `connection show` reports."""
+    stored = load_connection(settings.resolved_database_url)
+    if stored is None:
+        if settings.tenant_id and settings.client_id and settings.client_secret:
+            return {
+                "status": "configured",
+                "kind": ConnectionKind.APP.value,
+                "source": "ENTRAFLOW_TENANT_ID, ENTRAFLOW_CLIENT_ID, ENTRAFLOW_CLIENT_SECRET",
+                "tenant_id": settings.tenant_id,
+                "client_id": settings.client_id,
+                "scopes": None,
+                "actions_available": None,
+                "note": "app permissions are not in the token answer: run `connection check`",
+            }
+        return {"status": "not_connected", "hint": "run `entraflow connect`"}
+    details: dict[str, Any] = {
+        "status": stored.status.value,
+        "kind": stored.kind.value,
+        "source": "stored",
+        "tenant_id": stored.tenant_id,
+        "client_id": stored.client_id,
+        "account": stored.account_upn,
+        "connected_at": _iso(stored.connected_at),
+        "access_token_expires_at": _iso(stored.access_token_expires_at),
+        "broken_reason": stored.broken_reason,
+    }
+    if stored.kind is ConnectionKind.APP:
+        details.update(
+            scopes=None,
+            actions_available=None,
+            note="app permissions are not in the token answer: run `connection check`",
+        )
+        return details
+    review = review_scopes(stored.scope_list)
+    details.update(
+        scopes=list(review.granted),
+        actions_available=review.available_actions,
+        actions_disabled={
+            action: f"needs {scope}, which was not granted"
+            for action, scope in review.missing.items()
+        },
+        least_privilege_warning=list(review.extra),
+    )
+    return details
+
+
+def check_permissions(settings: Settings) -> list[dict[str, str]]:
+    """Each action with `allowed`, `denied`, `untested` or `error`."""
+    client = GraphClient.from_settings(settings)
+    stored = load_connection(settings.resolved_database_url)
+    granted = (
+        review_scopes(stored.scope_list)
+        if stored is not None and stored.kind is ConnectionKind.DELEGATED
+        else None
+    )
+    probes: dict[str, tuple[str, dict[str, str]]] = {
+        "lookup_user": ("/users", {"$top": "1", "$select": "id"}),
+        "lookup_group": (f"/groups/{NIL_GUID}", {"$select": "id"}),
+    }
+    results = []
+    for action, permission in LEAST_PRIVILEGE_BY_ACTION.items():
+        probe = probes.get(action)
+        if probe is None:
+            if granted is None:
+                detail = "a write cannot be tested without a change"
+            elif action in granted.missing:
+                detail = f"{permission} not granted"
+            else:
+                detail = "granted; a write cannot be tested without a change"
+            result = "denied" if granted is not None and action in granted.missing else "untested"
+            results.append(
+                {"action": action, "permission": permission, "result": result, "detail": detail}
+            )
+            continue
+        path, params = probe
+        try:
+            client.request("GET", path, params=params)
+            result, detail = "allowed", f"GET {path} answered"
+        except NotFoundError:
+            result, detail = "allowed", f"GET {path} answered 404 (permission granted)"
+        except ForbiddenError:
+            result, detail = "denied", f"Graph refused GET {path}: {permission} is needed"
+        except GraphError as exc:
+            result, detail = "error", str(exc)
+        results.append(
+            {"action": action, "permission": permission, "result": result, "detail": detail}
+        )
+    return results
+
+
+def _show_review_before_sign_in(settings: Settings, tenant_id: str) -> None:
+    click.echo(f"entraflow will ask tenant {tenant_id} for these delegated permissions, the least")
+    click.echo("each action needs:")
+    actions_by_permission: dict[str, list[str]] = {}
+    for action, permission in LEAST_PRIVILEGE_BY_ACTION.items():
+        actions_by_permission.setdefault(permission, []).append(action)
+    for scope in delegated_scopes(settings.graph_url):
+        name = permission_name(scope)
+        purpose = ", ".join(actions_by_permission.get(name, [])) or ACTION_PURPOSE
+        click.echo(f"  {name:<28} {purpose}")
+    click.secho(
+        "Warning: every action entraflow runs will be attributed to the account that signs in. "
+        "Sign in with a dedicated service account, not a person's own account.",
+        fg="yellow",
+    )
+
+
+def _show_url(url: str, *, offer_browser: bool) -> None:
+    click.echo("Open this address to sign in:")
+    click.echo(f"  {url}")
+    if offer_browser and click.confirm("Open it in your browser now?", default=True):
+        webbrowser.open(url)
+
+
+def _show_connected(stored: Connection) -> None:
+    if stored.kind is ConnectionKind.DELEGATED:
+        who = stored.account_upn or "an account Graph did not name"
+    else:
+        who = f"app {stored.client_id}"
+    click.echo(f"Connected ({stored.kind.value}) to tenant {stored.tenant_id} as {who}.")
+    if stored.kind is ConnectionKind.APP:
+        click.echo("Run `entraflow connection check` to test the app's permissions.")
+        return
+    review = review_scopes(stored.scope_list)
+    click.echo(f"Granted: {' '.join(review.granted)}")
+    click.echo(f"Actions available: {', '.join(review.available_actions) or 'none'}")
+    for action, scope in review.missing.items():
+        click.secho(f"Disabled: {action}: {scope} was not granted", fg="red")
+    if review.extra:
+        click.secho(
+            "Warning (least privilege): granted more than the actions need: "
+            f"{', '.join(review.extra)}; remove these permissions from the app registration",
+            fg="yellow",
+        )
+    if not review.has_refresh:
+        click.secho(f"Warning: {OFFLINE_ACCESS} was not granted", fg="yellow")
+
+
+def _secret_box(settings: Settings) -> SecretBox:
+    try:
+        return SecretBox.from_settings(settings)
+    except SecretKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _allow_loopback_http(authority_url: str) -> None:
+    """Let oauthlib use a plain-http authority only when it is this machine (the sandbox)."""
+    parts = urlsplit(authority_url)
+    if parts.scheme != "http":
+        return
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise click.ClickException(
+            f"ENTRAFLOW_AUTHORITY_URL {authority_url} is plain http and not this machine: refused"
+        )
+    os.environ[INSECURE_TRANSPORT_VARIABLE] = "1"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value) or "none"
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {item}" for key, item in value.items()) or "none"
+    return "-" if value is None else str(value)

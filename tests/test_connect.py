@@ -1,0 +1,382 @@
+"""`entraflow connect` against the sandbox over HTTP, the test playing the signing-in user."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import webbrowser
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+import requests
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from entraflow.cli.connect import SignInOptions, sign_in
+from entraflow.cli.main import cli
+from entraflow.secrets import SecretBox, generate_key
+from entraflow.settings import Settings, get_settings
+from models.connections import ConnectionStatus, load_connection
+from models.db import get_engine
+from sandbox.directory import (
+    DEMO_USERS,
+    SANDBOX_CLIENT_ID,
+    SANDBOX_CLIENT_SECRET,
+    SANDBOX_TENANT_ID,
+)
+from sandbox.server import SandboxServer
+from worker.connections import DelegatedTokenProvider, begin_sign_in, finish_sign_in
+from worker.errors import AuthenticationError
+from worker.graph import GraphClient
+
+SERVICE_ACCOUNT = DEMO_USERS["svc"].upn
+# How many workers refresh at once in the concurrency test.
+WORKERS = 8
+
+
+@pytest.fixture
+def entra(
+    settings: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Settings pointing at the sandbox, with a secret key."""
+    for name, value in {
+        "ENTRAFLOW_GRAPH_URL": sandbox_server.graph_url,
+        "ENTRAFLOW_AUTHORITY_URL": sandbox_server.authority_url,
+        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
+        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
+        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
+        "ENTRAFLOW_SECRET_KEY": generate_key(),
+        "OAUTHLIB_INSECURE_TRANSPORT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+def play_user(url: str) -> threading.Thread:
+    """Follow the authorize URL and its redirect, as a browser would, in the background."""
+
+    def browse() -> None:
+        answer = requests.get(url, allow_redirects=False, timeout=5)
+        requests.get(answer.headers["Location"], timeout=5)
+
+    thread = threading.Thread(target=browse)
+    thread.start()
+    return thread
+
+
+def redirect_of(url: str) -> str:
+    """Where the sandbox sends the browser after signing in."""
+    return requests.get(url, allow_redirects=False, timeout=5).headers["Location"]
+
+
+def connect_by_paste(settings: Settings) -> None:
+    redirects: list[str] = []
+    sign_in(
+        settings,
+        SignInOptions(SANDBOX_TENANT_ID, SANDBOX_CLIENT_ID, settings.client_secret, paste=True),
+        show_url=lambda url: redirects.append(redirect_of(url)),
+        read_pasted=lambda: redirects[0],
+    )
+
+
+def stored_secrets(settings: Settings) -> list[str]:
+    """The plaintext tokens and secret of the stored connection."""
+    stored = load_connection(settings.resolved_database_url)
+    assert stored is not None
+    box = SecretBox.from_settings(settings)
+    ciphertexts = (
+        stored.refresh_token_ciphertext,
+        stored.access_token_ciphertext,
+        stored.client_secret_ciphertext,
+    )
+    return [box.decrypt(value) for value in ciphertexts if value]
+
+
+def raw_connection_table(settings: Settings) -> str:
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        return str(connection.execute(text("SELECT * FROM connection")).all())
+
+
+def later(hours: float) -> datetime:
+    return datetime.now(UTC) + timedelta(hours=hours)
+
+
+def test_connect_reviews_scopes_signs_in_on_the_loopback_and_stores_the_connection(
+    entra: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    browsers: list[threading.Thread] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: browsers.append(play_user(url)))
+
+    result = CliRunner().invoke(cli, ["connect"], input="y\n")
+
+    for browser in browsers:
+        browser.join()
+    assert result.exit_code == 0, result.output
+    review = result.output.split("Open this address")[0]
+    for line in (
+        r"User\.Read\.All +lookup_user\n",
+        r"GroupMember\.Read\.All +lookup_group\n",
+        r"GroupMember\.ReadWrite\.All +add_user_to_group, remove_member_from_group\n",
+        r"offline_access +keep the connection",
+        r"attributed to the account that signs in",
+        r"dedicated service account",
+    ):
+        assert re.search(line, review), line
+    assert f"as {SERVICE_ACCOUNT}" in result.output
+    assert "Disabled" not in result.output and "least privilege" not in result.output
+    assert sandbox_server.app.oauth_stats()["codes_redeemed"] == 1
+    stored = load_connection(entra.resolved_database_url)
+    assert stored is not None and stored.status is ConnectionStatus.CONNECTED
+    for secret in stored_secrets(entra):
+        assert secret not in result.output
+        assert secret not in raw_connection_table(entra)
+
+
+def test_the_authorize_url_carries_pkce_and_exactly_the_least_privileged_scopes(
+    entra: Settings,
+) -> None:
+    pending = begin_sign_in(
+        entra,
+        tenant_id=SANDBOX_TENANT_ID,
+        client_id=SANDBOX_CLIENT_ID,
+        redirect_uri="http://localhost:1/",
+    )
+
+    assert "code_challenge_method=S256" in pending.url
+    assert "code_challenge=" in pending.url
+    assert pending.scopes == [
+        "https://graph.microsoft.com/GroupMember.Read.All",
+        "https://graph.microsoft.com/GroupMember.ReadWrite.All",
+        "https://graph.microsoft.com/User.Read.All",
+        "offline_access",
+    ]
+
+
+def test_a_pasted_redirect_url_connects(entra: Settings) -> None:
+    connect_by_paste(entra)
+
+    stored = load_connection(entra.resolved_database_url)
+    assert stored is not None
+    assert stored.account_upn == SERVICE_ACCOUNT
+
+
+def test_a_redirect_with_another_state_is_refused_before_redeeming(
+    entra: Settings, sandbox_server: SandboxServer
+) -> None:
+    pending = begin_sign_in(
+        entra,
+        tenant_id=SANDBOX_TENANT_ID,
+        client_id=SANDBOX_CLIENT_ID,
+        redirect_uri="http://localhost:1/",
+    )
+    forged = redirect_of(pending.url).replace(f"state={pending.state}", "state=forged")
+
+    with pytest.raises(AuthenticationError, match="state"):
+        finish_sign_in(
+            entra, pending, forged, client_secret=None, box=SecretBox.from_settings(entra)
+        )
+
+    assert sandbox_server.app.oauth_stats()["codes_redeemed"] == 0
+    assert load_connection(entra.resolved_database_url) is None
+
+
+def test_missing_and_extra_scopes_are_reported_and_checked(
+    entra: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox_server.app.set_consented_scopes(["User.Read.All", "Group.Read.All"])
+    browsers: list[threading.Thread] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: browsers.append(play_user(url)))
+
+    connected = CliRunner().invoke(cli, ["connect"], input="y\n")
+    for browser in browsers:
+        browser.join()
+    shown = CliRunner().invoke(cli, ["connection", "show", "--json"])
+    checked = CliRunner().invoke(cli, ["connection", "check", "--json"])
+
+    assert connected.exit_code == 0, connected.output
+    assert "Disabled: add_user_to_group: GroupMember.ReadWrite.All" in connected.output
+    assert "least privilege" in connected.output and "Group.Read.All" in connected.output
+    details = json.loads(shown.output)
+    assert details["actions_available"] == ["lookup_user", "lookup_group"]
+    assert set(details["actions_disabled"]) == {"add_user_to_group", "remove_member_from_group"}
+    assert details["least_privilege_warning"] == ["Group.Read.All"]
+    results = {item["action"]: item["result"] for item in json.loads(checked.output)}
+    assert results == {
+        "lookup_user": "allowed",
+        "lookup_group": "allowed",
+        "add_user_to_group": "denied",
+        "remove_member_from_group": "denied",
+    }
+    assert checked.exit_code == 1
+
+
+def test_show_check_and_disconnect(entra: Settings) -> None:
+    connect_by_paste(entra)
+    runner = CliRunner()
+
+    shown = json.loads(runner.invoke(cli, ["connection", "show", "--json"]).output)
+    checked = runner.invoke(cli, ["connection", "check"])
+    disconnected = runner.invoke(cli, ["disconnect"])
+    after = json.loads(runner.invoke(cli, ["connection", "show", "--json"]).output)
+
+    assert shown["kind"] == "delegated"
+    assert shown["status"] == "connected"
+    assert shown["account"] == SERVICE_ACCOUNT
+    assert shown["tenant_id"] == SANDBOX_TENANT_ID
+    assert shown["access_token_expires_at"] and shown["connected_at"]
+    assert len(shown["actions_available"]) == 4
+    assert checked.exit_code == 0, checked.output
+    assert "lookup_group: allowed" in checked.output
+    assert "add_user_to_group: untested" in checked.output
+    assert disconnected.exit_code == 0
+    assert load_connection(entra.resolved_database_url) is None
+    assert after["status"] == "configured"  # the ENTRAFLOW_CLIENT_* app remains
+
+
+def test_an_app_connection_stores_its_secret_encrypted(
+    entra: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = CliRunner().invoke(cli, ["connect", "--app"])
+    # The stored connection is used even once the settings forget the app.
+    monkeypatch.delenv("ENTRAFLOW_CLIENT_SECRET")
+    get_settings.cache_clear()
+
+    user = GraphClient.from_settings(get_settings()).request(
+        "GET", f"/users/{DEMO_USERS['adele'].id}"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Connected (app)" in result.output
+    assert user.data["userPrincipalName"] == DEMO_USERS["adele"].upn
+    assert SANDBOX_CLIENT_SECRET not in raw_connection_table(entra)
+    assert SANDBOX_CLIENT_SECRET not in result.output
+
+
+def test_nothing_is_stored_without_a_secret_key(
+    entra: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ENTRAFLOW_SECRET_KEY")
+    get_settings.cache_clear()
+
+    app = CliRunner().invoke(cli, ["connect", "--app"])
+    delegated = CliRunner().invoke(cli, ["connect", "--paste", "--no-browser"])
+
+    for result in (app, delegated):
+        assert result.exit_code != 0
+        assert "ENTRAFLOW_SECRET_KEY" in result.output
+        assert "--generate-key" in result.output
+    assert load_connection(get_settings().resolved_database_url) is None
+
+
+def test_a_token_is_refreshed_before_it_expires(
+    entra: Settings, sandbox_server: SandboxServer, redis_client: redis.Redis
+) -> None:
+    connect_by_paste(entra)
+    stored_before = load_connection(entra.resolved_database_url)
+    assert stored_before is not None and stored_before.access_token_refresh_at is not None
+    # Just past the refresh time: still before expiry, inside the margin.
+    just_after = stored_before.access_token_refresh_at + timedelta(seconds=1)
+    tokens = DelegatedTokenProvider(
+        entra, SecretBox.from_settings(entra), redis_client, clock=lambda: just_after
+    )
+
+    token = tokens.token()
+
+    assert sandbox_server.app.oauth_stats()["refreshes"] == 1
+    stored = load_connection(entra.resolved_database_url)
+    assert stored is not None
+    assert stored.refresh_token_ciphertext != stored_before.refresh_token_ciphertext
+    assert token in stored_secrets(entra)
+
+
+def test_a_401_refreshes_once_and_the_request_goes_through(
+    entra: Settings, sandbox_server: SandboxServer, redis_client: redis.Redis
+) -> None:
+    connect_by_paste(entra)
+    sandbox_server.app.expire_tokens()
+
+    response = GraphClient.from_settings(entra).request("GET", "/me")
+
+    assert response.data["userPrincipalName"] == SERVICE_ACCOUNT
+    assert sandbox_server.app.oauth_stats()["refreshes"] == 1
+
+
+def test_many_workers_refreshing_at_once_refresh_once(
+    entra: Settings, sandbox_server: SandboxServer, redis_url: str
+) -> None:
+    connect_by_paste(entra)
+    box = SecretBox.from_settings(entra)
+    providers = [
+        DelegatedTokenProvider(
+            entra, box, redis.Redis.from_url(redis_url), clock=lambda: later(hours=1)
+        )
+        for _ in range(WORKERS)
+    ]
+    start = threading.Barrier(WORKERS)
+    tokens: list[str] = []
+
+    def work(provider: DelegatedTokenProvider) -> None:
+        start.wait()
+        tokens.append(provider.token())
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in providers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sandbox_server.app.oauth_stats()["refreshes"] == 1
+    assert len(tokens) == WORKERS and len(set(tokens)) == 1
+    me = requests.get(
+        f"{entra.graph_url}/me", headers={"Authorization": f"Bearer {tokens[0]}"}, timeout=5
+    )
+    assert me.status_code == 200
+
+
+def test_a_revoked_refresh_token_breaks_the_connection_and_later_calls_fail_fast(
+    entra: Settings, sandbox_server: SandboxServer, redis_client: redis.Redis
+) -> None:
+    connect_by_paste(entra)
+    sandbox_server.app.revoke_refresh_tokens(SERVICE_ACCOUNT)
+    tokens = DelegatedTokenProvider(
+        entra, SecretBox.from_settings(entra), redis_client, clock=lambda: later(hours=2)
+    )
+
+    with pytest.raises(AuthenticationError, match=r"broken.*AADSTS50173.*entraflow connect"):
+        tokens.token()
+    token_requests = sandbox_server.app.stats()["requests"]["POST"]["token"]
+    with pytest.raises(AuthenticationError, match="broken"):
+        tokens.token()
+    with pytest.raises(AuthenticationError, match="broken"):
+        GraphClient.from_settings(entra).request("GET", "/me")
+
+    assert sandbox_server.app.stats()["requests"]["POST"]["token"] == token_requests
+    stored = load_connection(entra.resolved_database_url)
+    assert stored is not None and stored.status is ConnectionStatus.BROKEN
+    assert stored.access_token_ciphertext is None
+    shown = json.loads(CliRunner().invoke(cli, ["connection", "show", "--json"]).output)
+    assert shown["status"] == "broken" and "AADSTS50173" in shown["broken_reason"]
+
+
+def test_no_token_or_secret_reaches_the_logs(
+    entra: Settings,
+    sandbox_server: SandboxServer,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    connect_by_paste(entra)
+    first = stored_secrets(entra)
+    DelegatedTokenProvider(
+        entra, SecretBox.from_settings(entra), redis_client, clock=lambda: later(hours=1)
+    ).token()
+
+    logged = caplog.text
+    for secret in [*first, *stored_secrets(entra), SANDBOX_CLIENT_SECRET]:
+        assert secret not in logged
