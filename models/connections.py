@@ -7,21 +7,17 @@ compare-and-set on the refresh token they replace, so a stale writer can never u
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import update
 from sqlmodel import Field, SQLModel, delete, select
 
-from models.db import Timestamp, session_scope
+from models.db import Timestamp, session_scope, utcnow
 
 # There is at most one connection: it always has this primary key.
 ACTIVE_CONNECTION_ID = 1
 SCOPE_SEPARATOR = " "
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class ConnectionKind(StrEnum):

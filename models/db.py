@@ -16,6 +16,11 @@ from sqlmodel import Session, SQLModel, create_engine
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
+def utcnow() -> datetime:
+    """Now, in UTC: every moment entraflow stores."""
+    return datetime.now(UTC)
+
+
 class Timestamp(TypeDecorator[datetime]):
     """A moment in UTC, stored with its zone where the database can, and read back aware."""
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from models.db import Timestamp
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from models.db import Timestamp, utcnow
 
 
 def new_run_id() -> str:

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -41,8 +41,10 @@ from entraflow.settings import (
     Settings,
 )
 from worker.errors import RETRY_AFTER_HEADER, TransientGraphError
-from worker.graph import AfterResponse, BeforeRequest
 from worker.retry import parse_retry_after
+
+if TYPE_CHECKING:  # the client imports this module to plug a budget in
+    from worker.graph import AfterResponse, BeforeRequest
 
 PRIORITY_HEADER = "x-ms-throttle-priority"
 RESOURCE_UNIT_HEADER = "x-ms-resource-unit"
@@ -279,14 +281,23 @@ class Budget:
         self._slowdown = keys.graph_slowdown(app_id, tenant_id)
 
     @classmethod
-    def from_settings(cls, redis_client: redis.Redis, settings: Settings) -> Budget:
-        """The budget of the app and tenant `settings` connect to, with its limits."""
-        if not settings.client_id or not settings.tenant_id:
+    def from_settings(
+        cls,
+        redis_client: redis.Redis,
+        settings: Settings,
+        *,
+        app_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> Budget:
+        """The budget of an app and tenant (those of `settings` by default), with its limits."""
+        app_id = app_id or settings.client_id
+        tenant_id = tenant_id or settings.tenant_id
+        if not app_id or not tenant_id:
             raise ValueError("a Graph budget needs ENTRAFLOW_CLIENT_ID and ENTRAFLOW_TENANT_ID")
         return cls(
             redis_client,
-            settings.client_id,
-            settings.tenant_id,
+            app_id,
+            tenant_id,
             ru_per_window=settings.ru_per_window,
             ru_window_s=settings.ru_window_s,
             writes_per_window=settings.writes_per_window,

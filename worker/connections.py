@@ -37,6 +37,7 @@ from models.connections import (
     replace_tokens,
     save_connection,
 )
+from models.db import utcnow
 from worker.auth import (
     AADSTS_PATTERN,
     ASSUMED_TOKEN_LIFETIME_S,
@@ -66,10 +67,6 @@ ME_QUERY = "$select=userPrincipalName"
 
 DelegatedSessionFactory = Callable[[WebApplicationClient], OAuth2Session]
 Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_delegated_session(client: WebApplicationClient) -> OAuth2Session:
@@ -211,6 +208,14 @@ def connect_app(
         connected_at=utcnow(),
     )
     return save_connection(settings.resolved_database_url, connection)
+
+
+def connection_identity(settings: Settings) -> tuple[str | None, str | None]:
+    """The app (client) id and tenant id Graph counts our requests against."""
+    connection = load_connection(settings.resolved_database_url)
+    if connection is not None:
+        return connection.client_id, connection.tenant_id
+    return settings.client_id, settings.tenant_id
 
 
 def token_provider_for(

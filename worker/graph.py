@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import redis
 import requests
 
 from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
 from worker.addressing import check_next_link
 from worker.auth import SessionFactory, TokenProvider, new_oauth2_session
-from worker.connections import token_provider_for
+from worker.budget import Budget, Priority, budget_hooks
+from worker.connections import connection_identity, token_provider_for
 from worker.errors import (
     REQUEST_ID_HEADER,
     GraphConnectionError,
@@ -86,8 +88,21 @@ class GraphClient:
         *,
         session: requests.Session | None = None,
         token_session_factory: SessionFactory = new_oauth2_session,
+        budget_redis: redis.Redis | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> GraphClient:
-        """The client for the Graph `settings` name, as the stored connection or else the app."""
+        """The client for the Graph `settings` name, as the stored connection or else the app.
+
+        With `budget_redis`, every request first takes from the Graph budget that all workers
+        of this app and tenant share there (see worker.budget).
+        """
+        before_request = after_response = None
+        if budget_redis is not None:
+            app_id, tenant_id = connection_identity(settings)
+            budget = Budget.from_settings(
+                budget_redis, settings, app_id=app_id, tenant_id=tenant_id
+            )
+            before_request, after_response = budget_hooks(budget, priority)
         return cls(
             settings.graph_url,
             token_provider_for(settings, token_session_factory=token_session_factory),
@@ -98,6 +113,8 @@ class GraphClient:
                 max_inprocess_wait_s=settings.max_inprocess_wait_s,
             ),
             timeout_s=settings.http_timeout_s,
+            before_request=before_request,
+            after_response=after_response,
         )
 
     def request(

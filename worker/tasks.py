@@ -34,7 +34,8 @@ STORAGE_RETRY_S = 5.0
 @lru_cache(maxsize=1)
 def graph_client() -> GraphClient:
     """This process's Graph client; its token is cached across tasks."""
-    return GraphClient.from_settings(get_settings())
+    # Flow steps are interactive work: they take from the shared budget at normal priority.
+    return GraphClient.from_settings(get_settings(), budget_redis=lock_client())
 
 
 @lru_cache(maxsize=1)
