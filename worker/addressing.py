@@ -11,6 +11,9 @@ import re
 import unicodedata
 from urllib.parse import quote, urlsplit
 
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
+
 from worker.errors import InvalidInputError, PermanentGraphError
 
 GUID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
@@ -34,6 +37,8 @@ KEY_SYNTAX_PREFIX = "$"
 # Longest part of a bad input echoed in an error message.
 MAX_SHOWN_VALUE_CHARS = 80
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Spaces and control characters end a URL for some parsers and not for others.
+SPACE_CODE_POINT = 0x20
 
 
 def invalid_input(field: str, value: object, expected: str) -> InvalidInputError:
@@ -157,12 +162,24 @@ def check_next_link(next_link: str, graph_url: str) -> str:
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
+    # Parsers disagree on backslashes, user info and control characters (`https://evil\@graph`
+    # is graph.microsoft.com to urlsplit and evil to urllib3, which sends): refuse them, and
+    # accept only an origin that urlsplit and urllib3 read alike.
+    if "\\" in url or any(ord(char) <= SPACE_CODE_POINT for char in url):
+        return None
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError:
+        sent_to = parse_url(url)
+    except (ValueError, LocationParseError):
         return None
     scheme = parts.scheme.lower()
-    if not parts.hostname or scheme not in _DEFAULT_PORTS:
+    if "@" in parts.netloc or not parts.hostname or scheme not in _DEFAULT_PORTS:
         return None
-    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+    origin = (scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme])
+    sent_origin = (
+        (sent_to.scheme or "").lower(),
+        (sent_to.host or "").lower(),
+        sent_to.port or _DEFAULT_PORTS.get((sent_to.scheme or "").lower(), 0),
+    )
+    return origin if origin == sent_origin else None

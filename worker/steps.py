@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from entraflow import keys
 from entraflow.settings import Settings
 from entraflow.templating import TemplateProblem, evaluate_condition, render_inputs
+from models.audit import MEMBERSHIP_ACTIONS, FlowStep, current_actor, record_membership_change
 from models.db import session_scope
 from models.runs import FINAL_STEP_STATUSES, FlowRun, RunStatus, StepRun, StepStatus, utcnow
 from worker.actions import ActionResult
@@ -44,6 +45,8 @@ SECRET_INPUT_MARKERS = ("secret", "password", "token", "credential")
 REDACTED = "[redacted]"
 
 Perform = Callable[[str, dict[str, Any]], ActionResult]
+# Written in the transaction that records a step's end, after its claim is checked.
+Audit = Callable[[Session], None]
 
 
 class DuplicateDelivery(Exception):
@@ -178,17 +181,66 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
         if exc.retries_exhausted or elapsed_s + countdown_s > settings.max_graph_retry_time_s:
             error = _error_of(exc)
             error["message"] = f"gave up after {elapsed_s:.0f} s: {error['message']}"
-            _record(url, context, StepStatus.FAILED, error=error, request_id=exc.request_id)
+            audit = _audit(settings, context, inputs, error["outcome"], exc.request_id, error)
+            _record(
+                url, context, StepStatus.FAILED, error=error, request_id=exc.request_id, audit=audit
+            )
             raise StepFailed(context.run_id, context.step_id, error) from exc
         _record(url, context, StepStatus.RETRYING, error=_error_of(exc))
         raise RetryLater(countdown_s, str(exc)) from exc
     except EntraflowError as exc:
         error = _error_of(exc)
         request_id = exc.request_id if isinstance(exc, GraphError) else None
-        _record(url, context, StepStatus.FAILED, error=error, request_id=request_id)
+        audit = _audit(settings, context, inputs, error["outcome"], request_id, error)
+        _record(url, context, StepStatus.FAILED, error=error, request_id=request_id, audit=audit)
         raise StepFailed(context.run_id, context.step_id, error) from exc
-    _record(url, context, StepStatus.SUCCEEDED, output=result.output, request_id=result.request_id)
+    outcome = str(result.output.get("outcome"))
+    _record(
+        url,
+        context,
+        StepStatus.SUCCEEDED,
+        output=result.output,
+        request_id=result.request_id,
+        audit=_audit(settings, context, inputs, outcome, result.request_id),
+    )
     return StepStatus.SUCCEEDED
+
+
+def _audit(
+    settings: Settings,
+    context: StepContext,
+    inputs: Mapping[str, Any],
+    outcome: str,
+    request_id: str | None,
+    error: Mapping[str, Any] | None = None,
+) -> Audit | None:
+    """The audit entry of a membership step that ended, to write with its result; else None."""
+    if context.action not in MEMBERSHIP_ACTIONS:
+        return None
+
+    def record(session: Session) -> None:
+        record_membership_change(
+            session,
+            action=context.action,
+            user_id=_text_or_none(inputs.get("user_id")),
+            group_id=_text_or_none(inputs.get("group_id")),
+            outcome=outcome,
+            actor=current_actor(
+                session, client_id=settings.client_id, tenant_id=settings.tenant_id
+            ),
+            cause=FlowStep(context.run_id, context.step_id),
+            event_source=_text_or_none(context.event.get("source")),
+            event_id=_text_or_none(context.event.get("id")),
+            request_id=request_id,
+            error_code=_text_or_none(error.get("code")) if error else None,
+            error_message=_text_or_none(error.get("message")) if error else None,
+        )
+
+    return record
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def fail_step(settings: Settings, run_id: str, step_id: str, message: str) -> None:
@@ -210,8 +262,9 @@ def _record(
     output: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
     request_id: str | None = None,
+    audit: Audit | None = None,
 ) -> None:
-    """Write the step's new state, only if this delivery still holds the claim."""
+    """Write the step's new state (and its audit entry), only if this delivery holds the claim."""
     values: dict[str, Any] = {"status": status}
     if inputs is not None:
         values["inputs"] = inputs
@@ -238,6 +291,9 @@ def _record(
                 f"run {context.run_id}, step {context.step_id}: attempt {context.attempt} "
                 "lost its claim to a later delivery"
             )
+        if audit is not None:
+            # In the claim's transaction: a delivery that lost its claim audits nothing.
+            audit(session)
         if final:
             _settle_run(session, context.run_id, context.step_id, status, error)
 

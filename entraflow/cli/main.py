@@ -7,6 +7,7 @@ import logging
 import click
 
 from entraflow.cli.action import action
+from entraflow.cli.audit import audit
 from entraflow.cli.connect import connect, connection, disconnect
 from entraflow.cli.demo import demo
 from entraflow.cli.events import events
@@ -27,6 +28,7 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(action)
+cli.add_command(audit)
 cli.add_command(connect)
 cli.add_command(connection)
 cli.add_command(demo)
