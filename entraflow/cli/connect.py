@@ -258,6 +258,7 @@ def show(as_json: bool) -> None:
 def check(as_json: bool) -> None:
     """Test each action's permission with a read-only request where one can."""
     settings = get_settings()
+    _allow_loopback_http(settings.authority_url)
     try:
         results = check_permissions(settings)
     except EntraflowError as exc:
