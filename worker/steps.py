@@ -92,6 +92,8 @@ class StepContext:
     started_at: datetime
     event: dict[str, Any]
     earlier_outputs: dict[str, Any]
+    # Recorded by a delivery that died before queuing the next step: only forward the chain.
+    already_done: StepStatus | None = None
 
 
 def execute_step(
@@ -131,7 +133,7 @@ def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepCo
         if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
             if _next_step_waiting(session, step):
                 # The crash came after recording this step and before queuing the next one.
-                return _context(session, step, attempt=step.attempts)
+                return _context(session, step, attempt=step.attempts, already_done=step.status)
             raise DuplicateDelivery(f"run {run_id}, step {step_id} is already {step.status}")
         if step.status == StepStatus.FAILED:
             raise DuplicateDelivery(f"run {run_id}, step {step_id} already failed")
@@ -158,10 +160,8 @@ def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepCo
 
 def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> str:
     url = settings.resolved_database_url
-    with session_scope(url) as session:
-        step = _load_step(session, context.run_id, context.step_id)
-        if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
-            return step.status  # recorded by the delivery that crashed: only forward the chain
+    if context.already_done is not None:
+        return context.already_done
     variables = {"event": context.event, "steps": context.earlier_outputs}
     try:
         if context.condition and not evaluate_condition(context.condition, variables):
@@ -172,7 +172,8 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
         error = {"outcome": "invalid_input", "message": str(exc)}
         _record(url, context, StepStatus.FAILED, error=error)
         raise StepFailed(context.run_id, context.step_id, error) from exc
-    _record(url, context, StepStatus.RUNNING, inputs=redact(inputs))
+    # Inputs are written with the step's outcome: one transaction fewer per step.
+    recorded_inputs = redact(inputs)
     try:
         result = perform(context.action, inputs)
     except TransientGraphError as exc:
@@ -183,22 +184,37 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
             error["message"] = f"gave up after {elapsed_s:.0f} s: {error['message']}"
             audit = _audit(settings, context, inputs, error["outcome"], exc.request_id, error)
             _record(
-                url, context, StepStatus.FAILED, error=error, request_id=exc.request_id, audit=audit
+                url,
+                context,
+                StepStatus.FAILED,
+                inputs=recorded_inputs,
+                error=error,
+                request_id=exc.request_id,
+                audit=audit,
             )
             raise StepFailed(context.run_id, context.step_id, error) from exc
-        _record(url, context, StepStatus.RETRYING, error=_error_of(exc))
+        _record(url, context, StepStatus.RETRYING, inputs=recorded_inputs, error=_error_of(exc))
         raise RetryLater(countdown_s, str(exc)) from exc
     except EntraflowError as exc:
         error = _error_of(exc)
         request_id = exc.request_id if isinstance(exc, GraphError) else None
         audit = _audit(settings, context, inputs, error["outcome"], request_id, error)
-        _record(url, context, StepStatus.FAILED, error=error, request_id=request_id, audit=audit)
+        _record(
+            url,
+            context,
+            StepStatus.FAILED,
+            inputs=recorded_inputs,
+            error=error,
+            request_id=request_id,
+            audit=audit,
+        )
         raise StepFailed(context.run_id, context.step_id, error) from exc
     outcome = str(result.output.get("outcome"))
     _record(
         url,
         context,
         StepStatus.SUCCEEDED,
+        inputs=recorded_inputs,
         output=result.output,
         request_id=result.request_id,
         audit=_audit(settings, context, inputs, outcome, result.request_id),
@@ -353,7 +369,9 @@ def _next_step_waiting(session: Session, step: StepRun) -> bool:
     return following is not None and following.status == StepStatus.QUEUED
 
 
-def _context(session: Session, step: StepRun, *, attempt: int) -> StepContext:
+def _context(
+    session: Session, step: StepRun, *, attempt: int, already_done: StepStatus | None = None
+) -> StepContext:
     run = session.get(FlowRun, step.run_id)
     earlier = session.exec(
         select(StepRun).where(StepRun.run_id == step.run_id).where(StepRun.position < step.position)
@@ -368,6 +386,7 @@ def _context(session: Session, step: StepRun, *, attempt: int) -> StepContext:
         started_at=step.started_at or utcnow(),
         event=dict(run.event) if run is not None else {},
         earlier_outputs={s.step_id: dict(s.output or {}) for s in earlier},
+        already_done=already_done,
     )
 
 
