@@ -46,3 +46,9 @@ ACTIONS: dict[str, ActionSpec] = {
         ),
     )
 }
+
+
+# Bulk membership batches (worker.batch_tasks). The start task splits a batch into chunks, each
+# one Graph request, and queues a chunk task per chunk; both carry ids only.
+BATCH_START_TASK = "entraflow.batch_start"
+BATCH_CHUNK_TASK = "entraflow.batch_chunk"

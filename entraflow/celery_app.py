@@ -18,7 +18,7 @@ from entraflow.settings import Settings, get_settings
 # timeout or Redis delivers the message a second time: this share of it at most.
 COUNTDOWN_SHARE_OF_VISIBILITY = 0.75
 
-app = Celery("entraflow", include=["worker.tasks"])
+app = Celery("entraflow", include=["worker.tasks", "worker.batch_tasks"])
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _create(database_url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(database_url, pool_pre_ping=True)
-    from models import audit, connections, flows, runs  # noqa: F401  (registers the tables on SQLModel.metadata)
+    from models import audit, batches, connections, flows, runs  # noqa: F401  (registers the tables on SQLModel.metadata)
 
     SQLModel.metadata.create_all(engine)
     return engine

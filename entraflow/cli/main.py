@@ -8,6 +8,7 @@ import click
 
 from entraflow.cli.action import action
 from entraflow.cli.audit import audit
+from entraflow.cli.batch import batch, group
 from entraflow.cli.connect import connect, connection, disconnect
 from entraflow.cli.demo import demo
 from entraflow.cli.events import events
@@ -29,6 +30,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(action)
 cli.add_command(audit)
+cli.add_command(batch)
 cli.add_command(connect)
 cli.add_command(connection)
 cli.add_command(demo)
@@ -36,6 +38,7 @@ cli.add_command(disconnect)
 cli.add_command(events)
 cli.add_command(flower)
 cli.add_command(flows)
+cli.add_command(group)
 cli.add_command(runs)
 cli.add_command(sandbox)
 cli.add_command(scheduler)

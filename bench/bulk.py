@@ -1,0 +1,258 @@
+"""Bulk membership throughput against the Graph sandbox, with Graph's write budget scaled down.
+
+In one run, on one machine, with the same budget in the sandbox and in entraflow's settings:
+(a) entraflow's batch through real workers (20 adds to a PATCH, 20 removals to a `$batch`);
+(b) a naive baseline: one `POST .../members/$ref` or `DELETE .../$ref` per membership, sent by
+a few threads as fast as the same shared budget allows, on a share of the workload (same mix);
+(c) the limit the budget implies for the workload of (a): a rolling window lets no `write_window_s`
+hold more than `writes_per_window` writes. Every `$batch` part is one write (GRAPH.md).
+
+    .venv/bin/python -m bench.bulk [--adds 10000] [--removes 2000]
+
+Bulk work may use `ENTRAFLOW_LOW_PRIORITY_BUDGET_SHARE` of the budget; no interactive work runs
+here, so the bench gives it all (`--low-priority-share 1.0`) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from entraflow.cli.stack import LocalStack
+from entraflow.settings import get_settings
+from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem, batch_view
+from sandbox.config import SandboxConfig
+from sandbox.directory import DEMO_GROUPS, bulk_user_id
+from sandbox.server import SandboxServer
+from scheduler.batches import submit_batch
+from worker.actions import run_action
+from worker.budget import MAX_MEMBERS_PER_PATCH, Priority
+from worker.graph import GraphClient
+
+# Graph's 3,000 writes per 150 s is 20 a second; this scale runs 10,000 adds and 2,000 removals
+# through entraflow in about a minute.
+DEFAULT_WRITES_PER_WINDOW = 400
+DEFAULT_WRITE_WINDOW_S = 10.0
+DEFAULT_ADDS = 10_000
+DEFAULT_REMOVES = 2_000
+# The naive baseline runs this share of the workload: at one write per membership the whole of
+# it would take several times longer, and its rate is what we compare.
+DEFAULT_NAIVE_SHARE = 0.2
+DEFAULT_NAIVE_THREADS = 8
+DEFAULT_WORKERS = 1
+DEFAULT_CONCURRENCY = 8
+POLL_S = 0.2
+FINISH_TIMEOUT_S = 900.0
+ADD_GROUP = DEMO_GROUPS["falcon"].id  # starts empty
+NAIVE_ADD_GROUP = DEMO_GROUPS["engineering"].id
+REMOVE_GROUP = DEMO_GROUPS["all-staff"].id  # holds every bulk user
+
+
+@dataclass
+class Result:
+    """What one side did."""
+
+    memberships: int
+    elapsed_s: float
+    throttled: int
+    requests: int
+
+    @property
+    def per_s(self) -> float:
+        return self.memberships / self.elapsed_s if self.elapsed_s else math.inf
+
+
+def theoretical_s(writes: int, per_window: int, window_s: float) -> float:
+    """The least time between the first and the last of `writes` a rolling window allows.
+
+    No window of `window_s` may hold more than `per_window` writes, so `writes` span at least
+    `ceil(writes / per_window) - 1` whole windows.
+    """
+    return (math.ceil(writes / per_window) - 1) * window_s
+
+
+def batch_writes(adds: int, removes: int) -> int:
+    """Writes entraflow's batch needs: a PATCH per 20 adds (one group), one per removal."""
+    return math.ceil(adds / MAX_MEMBERS_PER_PATCH) + removes
+
+
+def peak_rss_kb(pids: list[int]) -> list[int]:
+    """The peak resident memory (VmHWM, kB) of each of `pids` and their children, from /proc."""
+    peaks = []
+    for pid in pids + [child for parent in pids for child in _children(parent)]:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]))
+        except OSError:
+            continue
+    return peaks
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _stats(stack: LocalStack) -> dict[str, Any]:
+    return stack.sandbox.app.stats()
+
+
+def run_batch(stack: LocalStack, adds: int, removes: int) -> tuple[Result, dict[str, Any]]:
+    """(a): one batch through the stack's workers, from submit to its end."""
+    items = [NewItem(n, ItemAction.ADD, bulk_user_id(n), ADD_GROUP) for n in range(1, adds + 1)]
+    items += [
+        NewItem(adds + n, ItemAction.REMOVE, bulk_user_id(n), REMOVE_GROUP)
+        for n in range(1, removes + 1)
+    ]
+    before = _stats(stack)
+    started = time.monotonic()
+    batch_id = submit_batch(stack.settings, "bench", items)
+    deadline = started + FINISH_TIMEOUT_S
+    while True:
+        view = batch_view(stack.settings.resolved_database_url, batch_id)
+        if view is not None and view["status"] in FINAL_BATCH_STATUSES:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} did not finish: {view}")
+        time.sleep(POLL_S)
+    elapsed_s = time.monotonic() - started
+    after = _stats(stack)
+    result = Result(
+        adds + removes,
+        elapsed_s,
+        after["throttled"] - before["throttled"],
+        after["requests_total"] - before["requests_total"],
+    )
+    return result, view
+
+
+def run_naive(stack: LocalStack, adds: int, removes: int, threads: int) -> Result:
+    """(b): one request per membership, from `threads` threads paying from the shared budget."""
+    settings = stack.settings
+    # A loop has no queue to go back to: it sleeps through every wait for the budget.
+    settings = settings.model_copy(update={"max_inprocess_wait_s": FINISH_TIMEOUT_S})
+    client = GraphClient.from_settings(
+        settings, budget_redis=redis.Redis.from_url(settings.redis_url or ""), priority=Priority.LOW
+    )
+    # Users the batch did not touch, so every request changes a membership.
+    first_removal = DEFAULT_REMOVES + 1
+    work = [("add_user_to_group", bulk_user_id(n), NAIVE_ADD_GROUP) for n in range(1, adds + 1)]
+    work += [
+        ("remove_member_from_group", bulk_user_id(n), REMOVE_GROUP)
+        for n in range(first_removal, first_removal + removes)
+    ]
+
+    def send(change: tuple[str, str, str]) -> None:
+        action, user_id, group_id = change
+        run_action(client, action, {"user_id": user_id, "group_id": group_id})
+
+    before = _stats(stack)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(send, work))
+    elapsed_s = time.monotonic() - started
+    after = _stats(stack)
+    return Result(
+        len(work),
+        elapsed_s,
+        after["throttled"] - before["throttled"],
+        after["requests_total"] - before["requests_total"],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adds", type=int, default=DEFAULT_ADDS)
+    parser.add_argument("--removes", type=int, default=DEFAULT_REMOVES)
+    parser.add_argument("--writes-per-window", type=int, default=DEFAULT_WRITES_PER_WINDOW)
+    parser.add_argument("--write-window-s", type=float, default=DEFAULT_WRITE_WINDOW_S)
+    parser.add_argument("--low-priority-share", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--naive-share", type=float, default=DEFAULT_NAIVE_SHARE)
+    parser.add_argument("--naive-threads", type=int, default=DEFAULT_NAIVE_THREADS)
+    args = parser.parse_args()
+
+    per_window, window_s = args.writes_per_window, args.write_window_s
+    # The workers read these from their environment, this process from its settings.
+    os.environ["ENTRAFLOW_WRITES_PER_WINDOW"] = str(per_window)
+    os.environ["ENTRAFLOW_WRITE_WINDOW_S"] = str(window_s)
+    os.environ["ENTRAFLOW_LOW_PRIORITY_BUDGET_SHARE"] = str(args.low_priority_share)
+    naive_adds = round(args.adds * args.naive_share)
+    naive_removes = round(args.removes * args.naive_share)
+    config = SandboxConfig(
+        bulk_users=max(args.adds, naive_adds, DEFAULT_REMOVES + naive_removes, args.removes),
+        writes_per_window=per_window,
+        write_window_s=window_s,
+    )
+    with tempfile.TemporaryDirectory(prefix="entraflow-bench-") as home:
+        stack = LocalStack(
+            home=Path(home),
+            workers=args.workers,
+            concurrency=args.concurrency,
+            sandbox=SandboxServer(config),
+        )
+        with stack:
+            os.environ.update(stack.env)
+            get_settings.cache_clear()
+            batch, view = run_batch(stack, args.adds, args.removes)
+            rss_kb = peak_rss_kb([p.pid for p in stack.worker_processes])
+            # A fresh window for the baseline, so both start with the same burst allowance.
+            time.sleep(window_s + 1)
+            naive = run_naive(stack, naive_adds, naive_removes, args.naive_threads)
+
+    writes = batch_writes(args.adds, args.removes)
+    limit_s = theoretical_s(writes, per_window, window_s)
+    limit_per_s = (args.adds + args.removes) / limit_s if limit_s else math.inf
+    naive_limit_s = theoretical_s(naive.memberships, per_window, window_s)
+    print(
+        f"budget: {per_window} writes per {window_s:g} s ({per_window / window_s:g}/s), "
+        f"low-priority share {args.low_priority_share:g}; workload {args.adds} adds, "
+        f"{args.removes} removals ({writes} writes batched)"
+    )
+    print(f"{'side':<34}{'memberships':>12}{'seconds':>9}{'per s':>9}{'429s':>6}{'requests':>9}")
+    for name, result in (("(a) entraflow batch", batch), ("(b) naive, one request each", naive)):
+        print(
+            f"{name:<34}{result.memberships:>12}{result.elapsed_s:>9.1f}{result.per_s:>9.1f}"
+            f"{result.throttled:>6}{result.requests:>9}"
+        )
+    print(f"{'(c) budget limit for (a)':<34}{args.adds + args.removes:>12}{limit_s:>9.1f}"
+          f"{limit_per_s:>9.1f}")  # fmt: skip
+    print(f"(a)/(c) = {batch.per_s / limit_per_s:.1%}; (a)/(b) = {batch.per_s / naive.per_s:.1f}x")
+    print(
+        f"(b) against its own limit ({naive_limit_s:.1f} s): {naive_limit_s / naive.elapsed_s:.1%}"
+        if naive.elapsed_s
+        else ""
+    )
+    print(
+        f"429s: (a) {batch.throttled} of {batch.requests} requests "
+        f"({batch.throttled / max(batch.requests, 1):.2%}), (b) {naive.throttled} of "
+        f"{naive.requests} ({naive.throttled / max(naive.requests, 1):.2%})"
+    )
+    print(f"batch: {view['status']}, outcomes {view['outcomes']}")
+    print(
+        f"peak RSS of the {len(rss_kb)} worker processes: largest {max(rss_kb) / 1024:.0f} MiB, "
+        f"sum {sum(rss_kb) / 1024:.0f} MiB (pages shared after fork counted in each)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Bulk membership batches: the batch, one item per row asked, and how each row ended.
+
+Counts are never kept on the batch row: several workers record chunks of the same batch at the
+same time, so `done` and the outcome counts are read from the items, which each chunk updates
+with plain per-row statements that any number of writers can run side by side.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Index, bindparam, func, insert, or_, update
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from models.db import Timestamp, session_scope, utcnow
+
+# The outcome of a row that was never attempted because its batch was cancelled.
+CANCELLED_OUTCOME = "cancelled"
+# `rate_per_s` counts the rows that ended within this many seconds before now.
+RATE_WINDOW_S = 30.0
+# Items inserted per statement when a batch is stored, and read per round trip by a report.
+ITEMS_PER_ROUND_TRIP = 1000
+
+
+def new_batch_id() -> str:
+    return str(uuid.uuid4())
+
+
+class BatchStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_BATCH_STATUSES = frozenset({BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED})
+
+
+class ItemAction(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+class Batch(SQLModel, table=True):
+    """One bulk membership batch: a file submitted, or a group sync."""
+
+    __tablename__ = "batch"
+
+    id: str = Field(default_factory=new_batch_id, primary_key=True)
+    source: str
+    status: BatchStatus = Field(default=BatchStatus.QUEUED, index=True)
+    total: int
+    # How many requests the worker split the batch into; none until it has.
+    chunks: int | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True, sa_type=Timestamp)
+    # Set once its start message is on the queue: a batch committed but never queued has none.
+    enqueued_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    started_at: datetime | None = Field(default=None, sa_type=Timestamp)
+    finished_at: datetime | None = Field(default=None, sa_type=Timestamp)
+
+
+class BatchItem(SQLModel, table=True):
+    """One row of a batch: a membership change and, once done, how it ended."""
+
+    __tablename__ = "batch_item"
+    __table_args__ = (
+        Index("ix_batch_item_batch_chunk", "batch_id", "chunk"),
+        Index("ix_batch_item_batch_outcome", "batch_id", "outcome"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    batch_id: str = Field(foreign_key="batch.id")
+    # The row's line in the submitted file (its position, for a group sync).
+    line: int
+    action: ItemAction
+    user_id: str
+    group_id: str
+    chunk: int | None = None
+    # Deliveries of its chunk that tried the row, not counting waits for the Graph budget.
+    attempts: int = 0
+    outcome: str | None = None
+    # Whether the outcome is a success (`already_member` and `not_member` are).
+    success: bool | None = None
+    http_status: int | None = None
+    code: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+    finished_at: datetime | None = Field(default=None, sa_type=Timestamp)
+
+
+# The items table as SQLAlchemy Core sees it, for updates of many rows in one statement.
+_ITEMS = SQLModel.metadata.tables[BatchItem.__tablename__]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """A validated row to store in a new batch."""
+
+    line: int
+    action: ItemAction
+    user_id: str
+    group_id: str
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    """A row of a chunk still to apply."""
+
+    id: int
+    action: ItemAction
+    user_id: str
+    group_id: str
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """How one row ended, as the worker records it."""
+
+    item_id: int
+    outcome: str
+    success: bool
+    http_status: int | None = None
+    code: str | None = None
+    message: str | None = None
+    request_id: str | None = None
+
+
+class BatchStateError(Exception):
+    """Raised when a batch is asked to do what its status does not allow."""
+
+
+def add_batch(session: Session, source: str, items: Sequence[NewItem]) -> str:
+    """Add a queued batch and its items to `session`, uncommitted, and return the batch id."""
+    batch = Batch(source=source, total=len(items))
+    session.add(batch)
+    session.flush()
+    rows = [
+        {
+            "batch_id": batch.id,
+            "line": item.line,
+            "action": item.action,
+            "user_id": item.user_id,
+            "group_id": item.group_id,
+        }
+        for item in items
+    ]
+    for start in range(0, len(rows), ITEMS_PER_ROUND_TRIP):
+        session.execute(insert(BatchItem), rows[start : start + ITEMS_PER_ROUND_TRIP])
+    return batch.id
+
+
+def mark_enqueued(database_url: str, batch_id: str) -> None:
+    """Note that the batch's start message is on the queue."""
+    with session_scope(database_url) as session:
+        session.execute(update(Batch).where(col(Batch.id) == batch_id).values(enqueued_at=utcnow()))
+
+
+def get_batch(database_url: str, batch_id: str) -> Batch | None:
+    with session_scope(database_url) as session:
+        return session.get(Batch, batch_id)
+
+
+def items_to_chunk(database_url: str, batch_id: str) -> list[PendingItem] | None:
+    """Every item of a batch not yet split into chunks, or None once it has been."""
+    with session_scope(database_url) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.chunks is not None:
+            return None
+        rows = session.execute(
+            select(BatchItem.id, BatchItem.action, BatchItem.user_id, BatchItem.group_id)
+            .where(BatchItem.batch_id == batch_id)
+            .order_by(col(BatchItem.id))
+        ).all()
+        return [PendingItem(*row) for row in rows]
+
+
+def assign_chunks(database_url: str, batch_id: str, chunks: Sequence[Sequence[int]]) -> None:
+    """Give each item the number of its chunk (its position in `chunks`), once per batch."""
+    with session_scope(database_url) as session:
+        claimed = session.execute(
+            update(Batch)
+            .where(col(Batch.id) == batch_id)
+            .where(col(Batch.chunks).is_(None))
+            .values(chunks=len(chunks))
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return  # another delivery split it first; its numbering stands
+        session.execute(
+            update(_ITEMS).where(_ITEMS.c.id == bindparam("item_id")).values(chunk=bindparam("n")),
+            [{"item_id": item_id, "n": n} for n, chunk in enumerate(chunks) for item_id in chunk],
+        )
+
+
+def pending_chunks(database_url: str, batch_id: str) -> list[int]:
+    """The chunks of a batch that still have rows to apply."""
+    with session_scope(database_url) as session:
+        chunks = session.exec(
+            select(BatchItem.chunk)
+            .where(BatchItem.batch_id == batch_id)
+            .where(col(BatchItem.outcome).is_(None))
+            .where(col(BatchItem.chunk).is_not(None))
+            .distinct()
+            .order_by(col(BatchItem.chunk))
+        ).all()
+        return [chunk for chunk in chunks if chunk is not None]
+
+
+def claim_chunk(database_url: str, batch_id: str, chunk: int) -> list[PendingItem]:
+    """The rows of a chunk still to apply, one attempt counted on each; none once it has ended.
+
+    The batch is marked running by its first chunk.
+    """
+    with session_scope(database_url) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status in FINAL_BATCH_STATUSES:
+            return []
+        if batch.status == BatchStatus.QUEUED:
+            batch.status = BatchStatus.RUNNING
+            batch.started_at = utcnow()
+        pending = (
+            (col(BatchItem.batch_id) == batch_id)
+            & (col(BatchItem.chunk) == chunk)
+            & col(BatchItem.outcome).is_(None)
+        )
+        session.execute(
+            update(BatchItem).where(pending).values(attempts=col(BatchItem.attempts) + 1)
+        )
+        rows = session.execute(
+            sa.select(
+                _ITEMS.c.id,
+                _ITEMS.c.action,
+                _ITEMS.c.user_id,
+                _ITEMS.c.group_id,
+                _ITEMS.c.attempts,
+            )
+            .where(pending)
+            .order_by(col(BatchItem.id))
+        ).all()
+        return [PendingItem(*row) for row in rows]
+
+
+def release_attempt(database_url: str, item_ids: Sequence[int]) -> None:
+    """Take back the attempt counted on rows whose chunk only waited for the Graph budget."""
+    with session_scope(database_url) as session:
+        session.execute(
+            update(BatchItem)
+            .where(col(BatchItem.id).in_(item_ids))
+            .where(col(BatchItem.attempts) > 0)
+            .values(attempts=col(BatchItem.attempts) - 1)
+        )
+
+
+def record_results(database_url: str, batch_id: str, results: Sequence[ItemResult]) -> None:
+    """Store how rows ended, then end the batch if no row is left.
+
+    A row already recorded keeps its outcome: a redelivered chunk cannot overwrite the first
+    answer. A row marked cancelled while its chunk was in flight gets its real outcome.
+    """
+    now = utcnow()
+    with session_scope(database_url) as session:
+        if results:
+            session.execute(
+                update(_ITEMS)
+                .where(_ITEMS.c.id == bindparam("item_id"))
+                .where(or_(_ITEMS.c.outcome.is_(None), _ITEMS.c.outcome == CANCELLED_OUTCOME))
+                .values(
+                    outcome=bindparam("r_outcome"),
+                    success=bindparam("r_success"),
+                    http_status=bindparam("r_status"),
+                    code=bindparam("r_code"),
+                    message=bindparam("r_message"),
+                    request_id=bindparam("r_request_id"),
+                    finished_at=now,
+                ),
+                [
+                    {
+                        "item_id": result.item_id,
+                        "r_outcome": result.outcome,
+                        "r_success": result.success,
+                        "r_status": result.http_status,
+                        "r_code": result.code,
+                        "r_message": result.message,
+                        "r_request_id": result.request_id,
+                    }
+                    for result in results
+                ],
+            )
+        _settle(session, batch_id)
+
+
+def _settle(session: Session, batch_id: str) -> None:
+    """End a running batch whose rows have all ended: failed if any row did not succeed."""
+    left = session.exec(
+        select(func.count())
+        .select_from(BatchItem)
+        .where(BatchItem.batch_id == batch_id)
+        .where(col(BatchItem.outcome).is_(None))
+    ).one()
+    if left:
+        return
+    unsuccessful = session.exec(
+        select(func.count())
+        .select_from(BatchItem)
+        .where(BatchItem.batch_id == batch_id)
+        .where(col(BatchItem.success).is_not(True))
+    ).one()
+    # Concurrent last chunks may both get here: the status condition makes it happen once.
+    session.execute(
+        update(Batch)
+        .where(col(Batch.id) == batch_id)
+        .where(col(Batch.status).in_([BatchStatus.QUEUED, BatchStatus.RUNNING]))
+        .values(
+            status=BatchStatus.FAILED if unsuccessful else BatchStatus.SUCCEEDED,
+            finished_at=utcnow(),
+        )
+    )
+
+
+def cancel_batch(database_url: str, batch_id: str) -> None:
+    """Cancel a batch: rows not yet attempted end as `cancelled`, queued chunks do nothing."""
+    with session_scope(database_url) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None:
+            raise LookupError(f"no batch {batch_id!r}")
+        if batch.status in FINAL_BATCH_STATUSES:
+            raise BatchStateError(f"batch {batch_id} has already ended: {batch.status}")
+        now = utcnow()
+        batch.status = BatchStatus.CANCELLED
+        batch.finished_at = now
+        session.execute(
+            update(BatchItem)
+            .where(col(BatchItem.batch_id) == batch_id)
+            .where(col(BatchItem.outcome).is_(None))
+            .values(outcome=CANCELLED_OUTCOME, success=False, finished_at=now)
+        )
+
+
+def batch_view(database_url: str, batch_id: str) -> dict[str, Any] | None:
+    """A batch as `batch show` prints it, with its counts, rate and time left; or None."""
+    with session_scope(database_url) as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None:
+            return None
+        outcomes = {
+            str(outcome): count
+            for outcome, count in session.execute(
+                select(BatchItem.outcome, func.count())
+                .where(BatchItem.batch_id == batch_id)
+                .where(col(BatchItem.outcome).is_not(None))
+                .group_by(col(BatchItem.outcome))
+                .order_by(col(BatchItem.outcome))
+            ).all()
+        }
+        now = utcnow()
+        recent = session.exec(
+            select(func.count())
+            .select_from(BatchItem)
+            .where(BatchItem.batch_id == batch_id)
+            .where(col(BatchItem.finished_at) >= now - timedelta(seconds=RATE_WINDOW_S))
+        ).one()
+        return _view(batch, outcomes, recent, now)
+
+
+def _view(batch: Batch, outcomes: Mapping[str, int], recent: int, now: datetime) -> dict[str, Any]:
+    done = sum(outcomes.values())
+    rate_per_s: float | None = None
+    if batch.started_at is not None:
+        end = batch.finished_at or now
+        elapsed_s = (end - batch.started_at).total_seconds()
+        if batch.finished_at is not None:
+            rate_per_s = done / elapsed_s if elapsed_s > 0 else None
+        else:
+            # While running, the recent pace: after a resume the average since start misleads.
+            window_s = min(RATE_WINDOW_S, elapsed_s)
+            rate_per_s = recent / window_s if window_s > 0 else None
+    eta_s: float | None = None
+    if batch.status in FINAL_BATCH_STATUSES:
+        eta_s = 0.0
+    elif rate_per_s:
+        eta_s = (batch.total - done) / rate_per_s
+    return {
+        "id": batch.id,
+        "status": batch.status.value,
+        "source": batch.source,
+        "total": batch.total,
+        "done": done,
+        "outcomes": dict(outcomes),
+        "rate_per_s": None if rate_per_s is None else round(rate_per_s, 2),
+        "eta_s": None if eta_s is None else round(eta_s, 1),
+        "created_at": batch.created_at,
+        "started_at": batch.started_at,
+        "finished_at": batch.finished_at,
+    }
+
+
+def list_batches(
+    database_url: str, *, limit: int, status: BatchStatus | None = None
+) -> list[dict[str, Any]]:
+    """The newest batches first, with their counts."""
+    query = select(Batch.id)
+    if status is not None:
+        query = query.where(Batch.status == status)
+    with session_scope(database_url) as session:
+        ids = session.exec(query.order_by(col(Batch.created_at).desc()).limit(limit)).all()
+    views = (batch_view(database_url, batch_id) for batch_id in ids)
+    return [view for view in views if view is not None]
+
+
+def report_rows(database_url: str, batch_id: str) -> Iterator[dict[str, Any]]:
+    """Every row of a batch in file order, with how it ended."""
+    last_line, last_id = -1, -1
+    while True:
+        with session_scope(database_url) as session:
+            page = session.exec(
+                select(BatchItem)
+                .where(BatchItem.batch_id == batch_id)
+                .where(
+                    or_(
+                        col(BatchItem.line) > last_line,
+                        (col(BatchItem.line) == last_line) & (col(BatchItem.id) > last_id),
+                    )
+                )
+                .order_by(col(BatchItem.line), col(BatchItem.id))
+                .limit(ITEMS_PER_ROUND_TRIP)
+            ).all()
+        if not page:
+            return
+        for item in page:
+            yield {
+                "line": item.line,
+                "action": item.action.value,
+                "user_id": item.user_id,
+                "group_id": item.group_id,
+                "outcome": item.outcome,
+                "code": item.code,
+                "message": item.message,
+                "request_id": item.request_id,
+            }
+        last_line, last_id = page[-1].line, page[-1].id or 0
+
+
+def stranded_batches(database_url: str, cutoff: datetime, limit: int) -> list[str]:
+    """Queued batches committed before `cutoff` whose start message was never sent."""
+    with session_scope(database_url) as session:
+        return list(
+            session.exec(
+                select(Batch.id)
+                .where(col(Batch.enqueued_at).is_(None))
+                .where(Batch.status == BatchStatus.QUEUED)
+                .where(col(Batch.created_at) < cutoff)
+                .order_by(col(Batch.created_at))
+                .limit(limit)
+            ).all()
+        )

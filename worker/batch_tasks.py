@@ -1,0 +1,178 @@
+"""The Celery tasks of bulk membership batches, thin adapters around `worker.bulk`.
+
+`entraflow.batch_start` splits a stored batch into chunks (one Graph request each, as
+`chunk_rows` cuts them), numbers its items once, and queues a chunk task per chunk that still
+has rows. `entraflow.batch_chunk` applies one chunk's rows not yet done and records each row's
+outcome. Both carry ids only, are acknowledged late, and are safe to receive twice: a chunk run
+again skips recorded rows, and the engine's outcomes make re-applying an unrecorded row
+harmless (Graph answers `already_member` / `not_member`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from entraflow.catalogue import BATCH_CHUNK_TASK, BATCH_START_TASK
+from entraflow.celery_app import app, max_retry_countdown_s
+from entraflow.settings import Settings, get_settings
+from models.batches import (
+    ItemResult,
+    PendingItem,
+    assign_chunks,
+    claim_chunk,
+    items_to_chunk,
+    pending_chunks,
+    record_results,
+    release_attempt,
+)
+from worker.budget import BudgetExhaustedError, Priority
+from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk, chunk_rows
+from worker.errors import TransientGraphError
+from worker.graph import GraphClient
+from worker.tasks import STORAGE_RETRY_S, lock_client
+
+log = logging.getLogger(__name__)
+
+# The outcomes of a row that ended as asked.
+SUCCESS_OUTCOMES = frozenset(
+    {Outcome.ADDED, Outcome.ALREADY_MEMBER, Outcome.REMOVED, Outcome.NOT_MEMBER}
+)
+# The Celery event a chunk sends once recorded; Flower shows the task in state PROGRESS.
+PROGRESS_EVENT = "task-progress"
+
+
+@lru_cache(maxsize=1)
+def bulk_graph_client() -> GraphClient:
+    """This process's Graph client for bulk work: the shared budget, at low priority."""
+    return GraphClient.from_settings(
+        get_settings(), budget_redis=lock_client(), priority=Priority.LOW
+    )
+
+
+@worker_process_init.connect
+def _fresh_client(**_: Any) -> None:
+    # A forked child must not share the parent's HTTP or Redis sockets.
+    bulk_graph_client.cache_clear()
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one delivery of a chunk did."""
+
+    batch_id: str
+    chunk: int
+    applied: int
+    outcomes: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "chunk": self.chunk,
+            "applied": self.applied,
+            "outcomes": self.outcomes,
+        }
+
+
+def split_batch(settings: Settings, batch_id: str) -> list[int]:
+    """Number the batch's items by chunk (once), and answer the chunks with rows still to do."""
+    database_url = settings.resolved_database_url
+    items = items_to_chunk(database_url, batch_id)
+    if items is not None:
+        chunks = chunk_rows([_row(item) for item in items])
+        assign_chunks(database_url, batch_id, [[int(row.row_id) for row in c] for c in chunks])
+    return pending_chunks(database_url, batch_id)
+
+
+def run_chunk(settings: Settings, client: GraphClient, batch_id: str, chunk: int) -> ChunkResult:
+    """Apply the rows of one chunk not yet done and record how each ended.
+
+    A transient Graph error that the client could not wait out in process is raised, for the
+    task to run the chunk again later. Rows end `failed` when the client gave up on Graph, or
+    when their chunk was tried `max_step_deliveries` times (Graph kept failing, or a worker
+    kept dying on it): a batch always ends.
+    """
+    database_url = settings.resolved_database_url
+    items = claim_chunk(database_url, batch_id, chunk)
+    if not items:
+        # Redelivered after recording, or the batch was cancelled: settle, change nothing.
+        record_results(database_url, batch_id, [])
+        return ChunkResult(batch_id, chunk, 0, {})
+    rows = [_row(item) for item in items]
+    if max(item.attempts for item in items) > settings.max_step_deliveries:
+        message = f"tried {settings.max_step_deliveries} times without finishing"
+        outcomes = [RowOutcome(row.row_id, Outcome.FAILED, message=message) for row in rows]
+    else:
+        try:
+            outcomes = apply_chunk(client, rows)
+        except BudgetExhaustedError:
+            release_attempt(database_url, [item.id for item in items])
+            raise
+        except TransientGraphError as exc:
+            if not exc.retries_exhausted:
+                raise
+            outcomes = [RowOutcome.of_error(row, Outcome.FAILED, exc) for row in rows]
+    record_results(database_url, batch_id, [_result(outcome) for outcome in outcomes])
+    counts = Counter(outcome.outcome.value for outcome in outcomes)
+    return ChunkResult(batch_id, chunk, len(rows), dict(sorted(counts.items())))
+
+
+def _row(item: PendingItem) -> Row:
+    return Row(item.id, RowAction(item.action.value), item.user_id, item.group_id)
+
+
+def _result(outcome: RowOutcome) -> ItemResult:
+    return ItemResult(
+        item_id=int(outcome.row_id),
+        outcome=outcome.outcome.value,
+        success=outcome.outcome in SUCCESS_OUTCOMES,
+        http_status=outcome.status,
+        code=outcome.code,
+        message=outcome.message,
+        request_id=outcome.request_id,
+    )
+
+
+def _retry_countdown_s(settings: Settings, exc: TransientGraphError) -> float:
+    return min(exc.retry_after_s or settings.max_inprocess_wait_s, max_retry_countdown_s(settings))
+
+
+@app.task(name=BATCH_START_TASK, bind=True, max_retries=None)
+def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
+    """Split a batch into chunks and queue a chunk task for each chunk with rows left."""
+    try:
+        chunks = split_batch(get_settings(), batch_id)
+    except OperationalError as exc:
+        raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+    for chunk in chunks:
+        apply_batch_chunk.apply_async(args=(batch_id, chunk))
+    return {"batch_id": batch_id, "queued_chunks": len(chunks)}
+
+
+# Retries are bounded by the Graph client's retry policy (a chunk it gives up on fails), not by
+# a count: waits for the shared budget may send a chunk back to the queue many times.
+@app.task(name=BATCH_CHUNK_TASK, bind=True, max_retries=None)
+def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
+    """Apply one chunk of a batch and record each row's outcome."""
+    settings = get_settings()
+    try:
+        result = run_chunk(settings, bulk_graph_client(), batch_id, chunk)
+    except TransientGraphError as exc:
+        countdown_s = _retry_countdown_s(settings, exc)
+        log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
+        raise self.retry(countdown=countdown_s, exc=exc) from exc
+    except (OperationalError, redis.RedisError) as exc:
+        # Nothing was recorded for the rows not stored: the next delivery applies them again.
+        log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)
+        raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+    # There is no result backend (the history is in SQL), so progress goes out as an event.
+    self.send_event(PROGRESS_EVENT, **result.to_dict())
+    return result.to_dict()
