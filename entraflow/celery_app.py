@@ -17,6 +17,8 @@ from entraflow.settings import Settings, get_settings
 # A countdown waits on the broker unacknowledged, so it must end well within the visibility
 # timeout or Redis delivers the message a second time: this share of it at most.
 COUNTDOWN_SHARE_OF_VISIBILITY = 0.75
+# How often a worker looks for messages whose worker died (older than the visibility timeout).
+UNACKED_RESTORE_INTERVAL_S = 10
 
 app = Celery("entraflow", include=["worker.tasks", "worker.batch_tasks"])
 
@@ -26,7 +28,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker = redis_url(settings)
     return {
         "broker_url": broker,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Look for a dead worker's messages every interval, not every tenth one.
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
         # Run history lives in SQL; task results would only duplicate it.
         "task_ignore_result": True,
@@ -34,6 +41,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": keys.FLOWS_QUEUE,
+        "task_routes": {"entraflow.batch_*": {"queue": keys.BULK_QUEUE}},
         # A message is acknowledged only after its step is recorded, so a crash redelivers it.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -49,8 +57,29 @@ def max_retry_countdown_s(settings: Settings) -> float:
     return settings.visibility_timeout_s * COUNTDOWN_SHARE_OF_VISIBILITY
 
 
-def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(get_settings()))
+class _LazyConfig:
+    """Celery's configuration source: derived from the settings when Celery first reads it.
+
+    Reading it late keeps imports cheap (`entraflow --help` starts no Redis) and lets a test or
+    the demo set the environment first.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._values is None:
+            self._values = celery_config(get_settings())
+        return self._values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._load()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __dir__(self) -> list[str]:
+        return list(self._load())
 
 
-app.on_configure.connect(_configure)
+app.config_from_object(_LazyConfig())

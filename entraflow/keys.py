@@ -16,6 +16,8 @@ CONNECTION_REFRESH_LOCK = f"{PREFIX}lock:connection:refresh"
 
 # The Celery queue that carries flow-run steps.
 FLOWS_QUEUE = f"{PREFIX}flows"
+# The Celery queue of bulk batch work, apart so a large batch does not wait in front of flows.
+BULK_QUEUE = f"{PREFIX}bulk"
 
 
 def step_lock(run_id: str, step_id: str) -> str:

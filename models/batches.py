@@ -18,6 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy import Index, bindparam, func, insert, or_, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from models.audit import (
+    ADD_ACTION,
+    REMOVE_ACTION,
+    Actor,
+    BatchRow,
+    current_actor,
+    record_membership_change,
+)
 from models.db import Timestamp, session_scope, utcnow
 
 # The outcome of a row that was never attempted because its batch was cancelled.
@@ -258,42 +266,60 @@ def release_attempt(database_url: str, item_ids: Sequence[int]) -> None:
         )
 
 
-def record_results(database_url: str, batch_id: str, results: Sequence[ItemResult]) -> None:
-    """Store how rows ended, then end the batch if no row is left.
+def record_results(
+    database_url: str,
+    batch_id: str,
+    results: Sequence[ItemResult],
+    *,
+    client_id: str | None = None,
+    tenant_id: str | None = None,
+) -> None:
+    """Store how rows ended, with their audit entries, then end the batch if no row is left.
 
     A row already recorded keeps its outcome: a redelivered chunk cannot overwrite the first
-    answer. A row marked cancelled while its chunk was in flight gets its real outcome.
+    answer, nor audit a row twice. A row marked cancelled while its chunk was in flight gets its
+    real outcome. `client_id` and `tenant_id` name the app when no connection is stored.
     """
     now = utcnow()
     with session_scope(database_url) as session:
-        if results:
-            session.execute(
+        actor = current_actor(session, client_id=client_id, tenant_id=tenant_id)
+        for result in results:
+            recorded = session.execute(
                 update(_ITEMS)
-                .where(_ITEMS.c.id == bindparam("item_id"))
+                .where(_ITEMS.c.id == result.item_id)
                 .where(or_(_ITEMS.c.outcome.is_(None), _ITEMS.c.outcome == CANCELLED_OUTCOME))
                 .values(
-                    outcome=bindparam("r_outcome"),
-                    success=bindparam("r_success"),
-                    http_status=bindparam("r_status"),
-                    code=bindparam("r_code"),
-                    message=bindparam("r_message"),
-                    request_id=bindparam("r_request_id"),
+                    outcome=result.outcome,
+                    success=result.success,
+                    http_status=result.http_status,
+                    code=result.code,
+                    message=result.message,
+                    request_id=result.request_id,
                     finished_at=now,
-                ),
-                [
-                    {
-                        "item_id": result.item_id,
-                        "r_outcome": result.outcome,
-                        "r_success": result.success,
-                        "r_status": result.http_status,
-                        "r_code": result.code,
-                        "r_message": result.message,
-                        "r_request_id": result.request_id,
-                    }
-                    for result in results
-                ],
+                )
             )
+            if recorded.rowcount == 1:  # type: ignore[attr-defined]
+                _audit(session, batch_id, result, actor)
         _settle(session, batch_id)
+
+
+def _audit(session: Session, batch_id: str, result: ItemResult, actor: Actor) -> None:
+    item = session.get(BatchItem, result.item_id)
+    if item is None:
+        return
+    failed = not result.success
+    record_membership_change(
+        session,
+        action=ADD_ACTION if item.action == ItemAction.ADD else REMOVE_ACTION,
+        user_id=item.user_id,
+        group_id=item.group_id,
+        outcome=result.outcome,
+        actor=actor,
+        cause=BatchRow(batch_id, item.line),
+        request_id=result.request_id,
+        error_code=result.code if failed else None,
+        error_message=result.message if failed else None,
+    )
 
 
 def _settle(session: Session, batch_id: str) -> None:

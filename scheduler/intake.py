@@ -35,6 +35,7 @@ from entraflow.templating import TemplateProblem, evaluate_condition
 from models.db import session_scope
 from models.flows import AcceptedEvent
 from models.runs import utcnow
+from scheduler.batches import enqueue_stranded_batches
 from scheduler.flows import FlowDefinition, enabled_flows_for
 from scheduler.producer import EVENT_FIELD, MAX_EVENT_BYTES, InvalidEvent, parse_event
 from scheduler.runs import (
@@ -314,7 +315,7 @@ class Scheduler:
         return removed
 
     def housekeeping(self) -> None:
-        """Trim the stream and queue stranded runs, if no other scheduler did so this round."""
+        """Trim the stream, queue stranded runs and batches; one scheduler per round."""
         interval_ms = int(HOUSEKEEPING_INTERVAL_S * 1000)
         if not self.redis.set(
             keys.SCHEDULER_HOUSEKEEPING_LOCK, self.consumer, nx=True, px=interval_ms
@@ -324,6 +325,9 @@ class Scheduler:
         stranded = enqueue_stranded_runs(self.settings)
         if stranded:
             log.warning("queued %d runs that were committed but never queued", len(stranded))
+        stranded_batches = enqueue_stranded_batches(self.settings)
+        if stranded_batches:
+            log.warning("queued %d batches submitted but never queued", len(stranded_batches))
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Handle events until `stop` is set; survive database and Redis failures."""

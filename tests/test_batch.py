@@ -15,6 +15,7 @@ import requests
 from click.testing import CliRunner
 from sqlmodel import col, func, select
 
+from entraflow import keys
 from entraflow.catalogue import BATCH_START_TASK
 from entraflow.cli.main import cli
 from entraflow.settings import Settings, get_settings
@@ -135,7 +136,7 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def queued_starts(redis_client: redis.Redis) -> list[list[str]]:
-    raw = [json.loads(m) for m in redis_client.lrange("entraflow:flows", 0, -1)]
+    raw = [json.loads(m) for m in redis_client.lrange(keys.BULK_QUEUE, 0, -1)]
     return [json.loads(_body(m))[0] for m in raw if m["headers"]["task"] == BATCH_START_TASK]
 
 
@@ -331,6 +332,11 @@ def test_a_chunk_run_again_skips_recorded_rows(
     assert (first.applied, again.applied) == (3, 0)
     assert app.stats()["requests_total"] == requests_before
     assert set(outcomes_by_line(settings, batch_id).values()) == {"added"}
+    audited = CliRunner().invoke(cli, ["audit", "--batch", batch_id, "--json"])
+    entries = json.loads(audited.output)
+    assert sorted((e["user_id"], e["outcome"], e["changed"]) for e in entries) == sorted(
+        (bulk_user_id(n), "added", True) for n in range(1, 4)
+    )
 
 
 def test_a_long_throttle_escapes_the_chunk_for_a_queue_retry_and_records_nothing(

@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-# The entraflow commands the test suite starts as real processes (tests/test_cli.py,
-# tests/test_flower.py, the stack fixture's workers).
-COMMANDS_THE_TESTS_RUN = {"worker", "flower"}
+# The entraflow commands the test suite starts as real processes (tests/test_flower.py,
+# tests/test_scheduler_processes.py, the stack fixture's workers).
+COMMANDS_THE_TESTS_RUN = {"worker", "scheduler", "flower"}
 SECRET_VARIABLES = {"ENTRAFLOW_CLIENT_SECRET", "FLOWER_BASIC_AUTH"}
 
 
@@ -22,7 +22,7 @@ def compose() -> dict[str, Any]:
 def test_every_entraflow_service_runs_a_command_the_tests_run() -> None:
     services = compose()["services"]
     ours = {name: s for name, s in services.items() if "build" in s}
-    assert set(ours) == {"worker", "flower"}
+    assert set(ours) == {"worker", "scheduler", "flower"}
     for name, service in ours.items():
         command = service["command"]
         assert command[0] == "entraflow", name
@@ -34,7 +34,7 @@ def test_services_wait_for_a_healthy_redis_that_keeps_an_append_only_file() -> N
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and "yes" in redis["command"]
     assert redis["healthcheck"]["test"]
-    for name in ("worker", "flower"):
+    for name in ("worker", "scheduler", "flower"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 

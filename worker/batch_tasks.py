@@ -120,7 +120,13 @@ def run_chunk(settings: Settings, client: GraphClient, batch_id: str, chunk: int
             if not exc.retries_exhausted:
                 raise
             outcomes = [RowOutcome.of_error(row, Outcome.FAILED, exc) for row in rows]
-    record_results(database_url, batch_id, [_result(outcome) for outcome in outcomes])
+    record_results(
+        database_url,
+        batch_id,
+        [_result(outcome) for outcome in outcomes],
+        client_id=settings.client_id,
+        tenant_id=settings.tenant_id,
+    )
     counts = Counter(outcome.outcome.value for outcome in outcomes)
     return ChunkResult(batch_id, chunk, len(rows), dict(sorted(counts.items())))
 

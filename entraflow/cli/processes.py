@@ -15,10 +15,17 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
     "--concurrency", "-c", type=int, default=None, help="Worker processes (default: CPUs)."
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--queues",
+    "-Q",
+    default=f"{keys.FLOWS_QUEUE},{keys.BULK_QUEUE}",
+    show_default=True,
+    help="Queues to consume: flow steps, bulk batches, or both.",
+)
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None, loglevel: str) -> None:
-    """Run a Celery worker for flow steps; other options go to `celery worker`."""
-    argv = ["worker", f"--loglevel={loglevel}", f"--queues={keys.FLOWS_QUEUE}"]
+def worker(ctx: click.Context, concurrency: int | None, loglevel: str, queues: str) -> None:
+    """Run a Celery worker for flow steps and batches; other options go to `celery worker`."""
+    argv = ["worker", f"--loglevel={loglevel}", f"--queues={queues}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     app.worker_main([*argv, *ctx.args])
