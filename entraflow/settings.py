@@ -45,6 +45,39 @@ DEFAULT_DEAD_EVENTS_MAX_LEN = 100_000
 DEFAULT_EVENTS_CLAIM_IDLE_S = 60.0
 
 
+# Where a worker and a scheduler serve /metrics and /healthz; 0 serves nothing (the default:
+# two workers on one host would fight over a fixed port).
+DEFAULT_WORKER_METRICS_PORT = 0
+DEFAULT_SCHEDULER_METRICS_PORT = 0
+# The address those endpoints listen on: every interface, for Prometheus in another container.
+DEFAULT_METRICS_HOST = "0.0.0.0"
+
+
+class LogFormat(StrEnum):
+    """How log lines are written."""
+
+    AUTO = "auto"  # plain text to a terminal, JSON lines anywhere else
+    JSON = "json"
+    PLAIN = "plain"
+
+
+# PostgreSQL connections each process keeps open, and the extra ones it may open under load.
+DEFAULT_DB_POOL_SIZE = 5
+DEFAULT_DB_MAX_OVERFLOW = 10
+# How long a caller waits for a pooled connection before failing.
+DEFAULT_DB_POOL_TIMEOUT_S = 30.0
+# Reopen a pooled connection this old: servers and proxies drop long-idle ones.
+DEFAULT_DB_POOL_RECYCLE_S = 1800.0
+# Test a pooled connection with a round trip before use: a restarted database costs no errors.
+DEFAULT_DB_POOL_PRE_PING = True
+# PostgreSQL cancels a statement running longer than this (0: never), so a stuck lock fails a
+# task instead of holding a worker; `entraflow db` migrations are exempt.
+DEFAULT_DB_STATEMENT_TIMEOUT_S = 60.0
+# Accepted events are what recognises a redelivered event as a duplicate: pruning keeps them
+# at least this many days, far beyond any producer's or Redis's redelivery.
+DEFAULT_ACCEPTED_EVENTS_MIN_KEEP_DAYS = 30
+
+
 class PatchWriteCost(StrEnum):
     """How many writes Graph charges for a `PATCH /groups/{id}` binding members (undocumented)."""
 
@@ -92,6 +125,22 @@ class Settings(BaseSettings):
     events_max_len: int = DEFAULT_EVENTS_MAX_LEN
     dead_events_max_len: int = DEFAULT_DEAD_EVENTS_MAX_LEN
     events_claim_idle_s: float = DEFAULT_EVENTS_CLAIM_IDLE_S
+
+    db_pool_size: int = DEFAULT_DB_POOL_SIZE
+    db_max_overflow: int = DEFAULT_DB_MAX_OVERFLOW
+    db_pool_timeout_s: float = DEFAULT_DB_POOL_TIMEOUT_S
+    db_pool_recycle_s: float = DEFAULT_DB_POOL_RECYCLE_S
+    db_pool_pre_ping: bool = DEFAULT_DB_POOL_PRE_PING
+    db_statement_timeout_s: float = DEFAULT_DB_STATEMENT_TIMEOUT_S
+
+    # Housekeeping prunes runs that ended more than this many days ago; None keeps them forever.
+    runs_retention_days: int | None = None
+    accepted_events_min_keep_days: int = DEFAULT_ACCEPTED_EVENTS_MIN_KEEP_DAYS
+
+    worker_metrics_port: int = DEFAULT_WORKER_METRICS_PORT
+    scheduler_metrics_port: int = DEFAULT_SCHEDULER_METRICS_PORT
+    metrics_host: str = DEFAULT_METRICS_HOST
+    log_format: LogFormat = LogFormat.AUTO
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,4 +1,9 @@
-"""The database engine and sessions: SQLite by default, PostgreSQL in production."""
+"""The database engine and sessions: SQLite by default, PostgreSQL in production.
+
+A SQLite file is migrated to the newest schema when a process first opens it; a PostgreSQL
+database only by `entraflow db upgrade` (see `models.migrations`). PostgreSQL connections are
+pooled as the `ENTRAFLOW_DB_*` settings say.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,11 @@ from typing import Any
 
 from sqlalchemy import DateTime, TypeDecorator, event
 from sqlalchemy.engine import Dialect, Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlalchemy.pool import NullPool
+from sqlmodel import Session, create_engine
+
+from entraflow.settings import get_settings
+from models import migrations
 
 # How long a SQLite writer waits for another process's write lock before failing.
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -46,27 +55,45 @@ _engines: dict[str, Engine] = {}
 
 
 def get_engine(database_url: str) -> Engine:
-    """One engine per URL and process, with the tables created."""
+    """One engine per URL and process; a SQLite file is migrated to the newest schema."""
     engine = _engines.get(database_url)
     if engine is None:
-        engine = _engines[database_url] = _create(database_url)
+        engine = create_database_engine(database_url)
+        if engine.dialect.name == "sqlite":
+            migrations.upgrade(engine)
+        _engines[database_url] = engine
     return engine
 
 
-def _create(database_url: str) -> Engine:
+def create_database_engine(database_url: str, *, for_migrations: bool = False) -> Engine:
+    """A new engine for the URL; `for_migrations`: unpooled, and no statement time limit."""
     if database_url.startswith("sqlite:///"):
         Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        pool: dict[str, Any] = {"poolclass": NullPool} if for_migrations else {}
         engine = create_engine(
             database_url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            **pool,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(database_url, pool_pre_ping=True)
-    from models import audit, batches, connections, flows, runs  # noqa: F401  (registers the tables on SQLModel.metadata)
-
-    SQLModel.metadata.create_all(engine)
-    return engine
+        return engine
+    if for_migrations:
+        # A migration may rewrite a large table: it runs for as long as it takes.
+        return create_engine(database_url, poolclass=NullPool)
+    settings = get_settings()
+    connect_args: dict[str, Any] = {}
+    if database_url.startswith("postgresql") and settings.db_statement_timeout_s > 0:
+        timeout_ms = int(settings.db_statement_timeout_s * 1000)
+        connect_args["options"] = f"-c statement_timeout={timeout_ms}"
+    return create_engine(
+        database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_s,
+        pool_recycle=settings.db_pool_recycle_s,
+        pool_pre_ping=settings.db_pool_pre_ping,
+        connect_args=connect_args,
+    )
 
 
 def forget_engines() -> None:

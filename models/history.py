@@ -1,18 +1,22 @@
-"""Reading the run history: the views `runs list` and `runs show` print."""
+"""The run history: the views `runs list` and `runs show` print, and pruning old runs."""
 
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlmodel import col, select
+from sqlalchemy import delete, func
+from sqlmodel import Session, col, select
 
-from models.db import session_scope
+from models.db import session_scope, utcnow
 from models.flows import AcceptedEvent
 from models.runs import FlowRun, RunStatus, StepRun
 
 FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
+# Rows deleted per transaction: short transactions keep workers' writes flowing meanwhile.
+PRUNE_ROWS_PER_TRANSACTION = 500
 
 
 def run_summary(run: FlowRun) -> dict[str, Any]:
@@ -113,3 +117,80 @@ def wait_for_event_runs(
         wait_for_run(database_url, run_id, timeout_s=remaining_s, poll_s=poll_s)
         for run_id in run_ids
     ]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What a prune removed, or would remove on a dry run."""
+
+    runs: int
+    steps: int
+    accepted_events: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def prune_history(
+    database_url: str, cutoff: datetime, *, events_min_keep: timedelta, dry_run: bool = False
+) -> Pruned:
+    """Delete runs that ended before `cutoff` with their steps, never one queued or running."""
+    # An accepted event is what makes a redelivered one a duplicate: it outlives its runs.
+    events_before = min(cutoff, utcnow() - events_min_keep)
+    old_events = select(AcceptedEvent.id).where(col(AcceptedEvent.accepted_at) < events_before)
+    if dry_run:
+        with session_scope(database_url) as session:
+            old_runs = select(FlowRun.id).where(*_ended_before(cutoff))
+            return Pruned(
+                runs=_count(session, old_runs),
+                steps=_count(session, select(StepRun.id).where(col(StepRun.run_id).in_(old_runs))),
+                accepted_events=_count(session, old_events),
+            )
+    runs = steps = events = 0
+    while True:
+        with session_scope(database_url) as session:
+            # Locked (on PostgreSQL) so a replay cannot restart a run between the two deletes;
+            # the deletes check the status again for SQLite, which has no row locks.
+            chosen = session.exec(
+                select(FlowRun.id)
+                .where(*_ended_before(cutoff))
+                .limit(PRUNE_ROWS_PER_TRANSACTION)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not chosen:
+                break
+            still_ended = (col(FlowRun.id).in_(chosen), *_ended_before(cutoff))
+            steps += _deleted(
+                session,
+                delete(StepRun).where(
+                    col(StepRun.run_id).in_(select(FlowRun.id).where(*still_ended))
+                ),
+            )
+            runs += _deleted(session, delete(FlowRun).where(*still_ended))
+    while True:
+        with session_scope(database_url) as session:
+            batch = old_events.limit(PRUNE_ROWS_PER_TRANSACTION).scalar_subquery()
+            deleted = _deleted(
+                session, delete(AcceptedEvent).where(col(AcceptedEvent.id).in_(batch))
+            )
+        events += deleted
+        if not deleted:
+            break
+    return Pruned(runs=runs, steps=steps, accepted_events=events)
+
+
+def _ended_before(cutoff: datetime) -> tuple[Any, ...]:
+    # A run ends after it is created: the indexed created_at narrows the search cheaply.
+    return (
+        col(FlowRun.status).in_(FINAL_RUN_STATUSES),
+        col(FlowRun.created_at) < cutoff,
+        func.coalesce(col(FlowRun.finished_at), col(FlowRun.created_at)) < cutoff,
+    )
+
+
+def _count(session: Session, query: Any) -> int:
+    return session.exec(select(func.count()).select_from(query.subquery())).one()
+
+
+def _deleted(session: Session, statement: Any) -> int:
+    return int(session.execute(statement).rowcount)  # type: ignore[attr-defined]

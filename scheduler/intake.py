@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -29,11 +30,12 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlmodel import Session, select
 
-from entraflow import keys
+from entraflow import keys, logs, metrics
 from entraflow.settings import Settings
 from entraflow.templating import TemplateProblem, evaluate_condition
 from models.db import session_scope
 from models.flows import AcceptedEvent
+from models.history import prune_history
 from models.runs import utcnow
 from scheduler.batches import enqueue_stranded_batches
 from scheduler.flows import FlowDefinition, enabled_flows_for
@@ -184,14 +186,17 @@ class Scheduler:
             if stop is not None and stop.is_set():
                 break
             stream_id = _text(raw_id)
-            try:
-                result = self.handle_entry(stream_id, fields)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("event %s left pending: %s", stream_id, exc)
-                self._read_own_pending = True
-                handled.append(Handled(stream_id, Outcome.PENDING, reason=str(exc)))
-                break
+            with logs.bound(stream_id=stream_id):
+                try:
+                    result = self.handle_entry(stream_id, fields)
+                except TRANSIENT_ERRORS as exc:
+                    log.warning("event %s left pending: %s", stream_id, exc)
+                    self._read_own_pending = True
+                    handled.append(Handled(stream_id, Outcome.PENDING, reason=str(exc)))
+                    metrics.EVENTS.labels(Outcome.PENDING).inc()
+                    break
             handled.append(result)
+            metrics.EVENTS.labels(result.outcome).inc()
         return handled
 
     def handle_entry(self, stream_id: str, fields: Mapping[bytes, bytes] | None) -> Handled:
@@ -205,6 +210,7 @@ class Scheduler:
                 names = sorted(_text(name) for name in fields)
                 raise UnusableEvent(f"the entry has no {EVENT_FIELD!r} field, only {names}")
             event = _parse(raw)
+            logs.bind(event_id=str(event["id"]))
             outcome, run_ids = self._accept(stream_id, event)
         except UnusableEvent as exc:
             self._dead_letter(stream_id, raw or b"", str(exc))
@@ -315,7 +321,7 @@ class Scheduler:
         return removed
 
     def housekeeping(self) -> None:
-        """Trim the stream, queue stranded runs and batches; one scheduler per round."""
+        """Trim the stream, queue stranded runs and batches, prune; one scheduler per round."""
         interval_ms = int(HOUSEKEEPING_INTERVAL_S * 1000)
         if not self.redis.set(
             keys.SCHEDULER_HOUSEKEEPING_LOCK, self.consumer, nx=True, px=interval_ms
@@ -328,6 +334,15 @@ class Scheduler:
         stranded_batches = enqueue_stranded_batches(self.settings)
         if stranded_batches:
             log.warning("queued %d batches submitted but never queued", len(stranded_batches))
+        retention_days = self.settings.runs_retention_days
+        if retention_days is not None:
+            pruned = prune_history(
+                self.settings.resolved_database_url,
+                utcnow() - timedelta(days=retention_days),
+                events_min_keep=timedelta(days=self.settings.accepted_events_min_keep_days),
+            )
+            if pruned.runs or pruned.accepted_events:
+                log.info("pruned history older than %d days: %s", retention_days, pruned)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Handle events until `stop` is set; survive database and Redis failures."""

@@ -18,7 +18,8 @@ from sqlmodel import SQLModel
 from entraflow.cli.stack import LocalStack
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.settings import Settings, get_settings
-from models.db import forget_engines, get_engine
+from models import migrations
+from models.db import create_database_engine, forget_engines, get_engine
 from sandbox.server import SandboxServer
 
 
@@ -65,12 +66,15 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture(scope="session")
 def _configured_database_schema() -> None:
-    # A machine's database outlives test sessions: rebuild its tables from today's models once.
+    # A machine's database outlives test sessions: rebuild it with today's migrations once.
     url = os.environ.get("ENTRAFLOW_TEST_DATABASE_URL")
     if url:
-        engine = get_engine(url)
+        engine = create_database_engine(url, for_migrations=True)
+        migrations.downgrade(engine, migrations.BASE)
+        # Tables a session made with create_all, before migrations existed, have no revision.
         SQLModel.metadata.drop_all(engine)
-        SQLModel.metadata.create_all(engine)
+        migrations.upgrade(engine)
+        engine.dispose()
 
 
 @pytest.fixture

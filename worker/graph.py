@@ -14,6 +14,7 @@ from typing import Any
 import redis
 import requests
 
+from entraflow import metrics
 from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
 from worker.addressing import check_next_link
 from worker.auth import SessionFactory, TokenProvider, new_oauth2_session
@@ -114,7 +115,7 @@ class GraphClient:
             ),
             timeout_s=settings.http_timeout_s,
             before_request=before_request,
-            after_response=after_response,
+            after_response=metrics.counting_responses(after_response),
         )
 
     def request(

@@ -7,20 +7,23 @@ history and rendered here, and credentials never leave the worker.
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
+from entraflow import logs, metrics
 from entraflow.catalogue import ACTIONS
 from entraflow.celery_app import app, max_retry_countdown_s
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
-from models.db import forget_engines
+from models.db import forget_engines, session_scope
+from models.runs import FlowRun, RunStatus
 from worker.actions import ActionResult, run_action
 from worker.graph import GraphClient
 from worker.steps import DuplicateDelivery, RetryLater, StepFailed, execute_step, fail_step
@@ -29,6 +32,14 @@ log = logging.getLogger(__name__)
 
 # How long a step waits before trying again when the database or Redis does not answer.
 STORAGE_RETRY_S = 5.0
+FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
+# The status label of a step delivery that did not end in a step status.
+DELIVERY_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (Retry, "retrying"),
+    (Ignore, "duplicate"),
+    (StepFailed, "failed"),
+)
+CRASHED = "crashed"
 
 
 @lru_cache(maxsize=1)
@@ -86,19 +97,51 @@ class StepTask(Task):
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        if isinstance(exc, StepFailed):
-            log.warning("%s", exc)
-            return
-        log.error("task %s crashed: %r", task_id, exc)
         run_id, step_id = args
-        fail_step(get_settings(), run_id, step_id, f"internal error: {type(exc).__name__}: {exc}")
+        with logs.bound(run_id=run_id, step_id=step_id, action=self.action):
+            if isinstance(exc, StepFailed):
+                log.warning("%s", exc)
+            else:
+                log.error("task %s crashed: %r", task_id, exc)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                fail_step(get_settings(), run_id, step_id, message)
+            count_run_if_ended(run_id)
+
+
+def count_run_if_ended(run_id: str) -> None:
+    """Count the run in the runs metric if it has ended: the step just recorded ended it."""
+    try:
+        with session_scope(get_settings().resolved_database_url) as session:
+            run = session.get(FlowRun, run_id)
+            if run is not None and run.status in FINAL_RUN_STATUSES:
+                metrics.RUNS.labels(run.flow, run.status).inc()
+    except OperationalError as exc:
+        # The step is recorded: a lost count is better than running it again.
+        log.warning("run %s not counted: %s", run_id, exc)
+
+
+def _delivery_outcome(exc: BaseException) -> str:
+    return next((name for kind, name in DELIVERY_OUTCOMES if isinstance(exc, kind)), CRASHED)
+
+
+def _observe_delivery(action: str, status: str, started_s: float) -> None:
+    metrics.STEP_DURATION.labels(action, status).observe(time.monotonic() - started_s)
 
 
 def _step_task(action: str) -> Task:
     """Register the task of one action, named as the catalogue says."""
 
     def run(self: StepTask, run_id: str, step_id: str) -> dict[str, str]:
-        return self.run_step(run_id, step_id)
+        with logs.bound(run_id=run_id, step_id=step_id, action=action):
+            started_s = time.monotonic()
+            try:
+                result = self.run_step(run_id, step_id)
+            except BaseException as exc:
+                _observe_delivery(action, _delivery_outcome(exc), started_s)
+                raise
+            _observe_delivery(action, result["status"], started_s)
+            count_run_if_ended(run_id)
+            return result
 
     run.__name__ = action
     run.__doc__ = f"Execute a flow step whose action is {action}."

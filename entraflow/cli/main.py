@@ -10,22 +10,22 @@ from entraflow.cli.action import action
 from entraflow.cli.audit import audit
 from entraflow.cli.batch import batch, group
 from entraflow.cli.connect import connect, connection, disconnect
+from entraflow.cli.db import db
 from entraflow.cli.demo import demo
 from entraflow.cli.events import events
 from entraflow.cli.flows import flows
 from entraflow.cli.processes import flower, sandbox, worker
 from entraflow.cli.runs import runs
 from entraflow.cli.scheduler import scheduler
+from entraflow.logs import configure as configure_logs
+from entraflow.settings import get_settings
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level on stderr.")
 def cli(verbose: bool) -> None:
     """Microsoft Entra ID actions as automated flows, on Celery and Redis."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logs(logging.INFO if verbose else logging.WARNING, get_settings().log_format)
 
 
 cli.add_command(action)
@@ -33,6 +33,7 @@ cli.add_command(audit)
 cli.add_command(batch)
 cli.add_command(connect)
 cli.add_command(connection)
+cli.add_command(db)
 cli.add_command(demo)
 cli.add_command(disconnect)
 cli.add_command(events)

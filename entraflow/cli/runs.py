@@ -11,7 +11,7 @@ from rich.table import Table
 
 from entraflow.cli.output import fail_json, print_json
 from entraflow.settings import get_settings
-from models.history import list_runs, show_run
+from models.history import list_runs, prune_history, show_run
 from models.runs import RunStatus, utcnow
 from scheduler.replay import ReplayError, failed_run_ids, replay_run
 
@@ -125,3 +125,32 @@ def replay_command(run_id: str | None, status: str | None, flow: str | None, as_
         print_json(replayed)
     elif not replayed:
         click.echo("no failed runs to replay")
+
+
+@runs.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Delete runs that ended before this: 30d, 12h, or an ISO time.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune_command(older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Delete ended runs and their steps; never a run still queued or running."""
+    settings = get_settings()
+    cutoff = parse_since(older_than)
+    pruned = prune_history(
+        settings.resolved_database_url,
+        cutoff,
+        events_min_keep=timedelta(days=settings.accepted_events_min_keep_days),
+        dry_run=dry_run,
+    )
+    if as_json:
+        print_json({"cutoff": cutoff, "dry_run": dry_run, **pruned.as_dict()})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {pruned.runs} runs ({pruned.steps} steps) that ended before"
+        f" {cutoff:%Y-%m-%d %H:%M} UTC, and {pruned.accepted_events} accepted events"
+    )

@@ -12,6 +12,7 @@ from types import FrameType
 import click
 import redis
 
+from entraflow import metrics
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from scheduler.intake import Scheduler
@@ -25,11 +26,24 @@ from scheduler.intake import Scheduler
     help="This scheduler's name in the consumer group.",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
-def scheduler(consumer: str, loglevel: str) -> None:
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve /metrics and /healthz on this port [default: ENTRAFLOW_SCHEDULER_METRICS_PORT; "
+    "0: not at all].",
+)
+def scheduler(consumer: str, loglevel: str, metrics_port: int | None) -> None:
     """Read events from Redis and queue the flow runs they trigger, until SIGTERM or SIGINT."""
     logging.getLogger().setLevel(loglevel.upper())
     settings = get_settings()
     client = redis.Redis.from_url(redis_url(settings))
+    port = settings.scheduler_metrics_port if metrics_port is None else metrics_port
+    server = (
+        metrics.serve(settings.metrics_host, port, client, settings.resolved_database_url)
+        if port
+        else None
+    )
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -42,4 +56,6 @@ def scheduler(consumer: str, loglevel: str) -> None:
     try:
         Scheduler(settings, client, consumer).run_forever(stop)
     finally:
+        if server is not None:
+            server.stop()
         client.close()

@@ -37,6 +37,9 @@ class LocalStack:
     workers: int = 1
     concurrency: int = 2
     schedulers: int = 0
+    # Where the first worker and scheduler serve /metrics; each next one takes the next port.
+    worker_metrics_port: int = 0
+    scheduler_metrics_port: int = 0
     sandbox: SandboxServer = field(default_factory=SandboxServer)
     worker_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     scheduler_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -108,6 +111,7 @@ class LocalStack:
             "--without-gossip",
             "--without-mingle",
             f"--logfile={self.home / f'worker-{index}.log'}",
+            *_metrics_option(self.worker_metrics_port, index),
         )
         self.worker_processes.append(process)
         return process
@@ -117,7 +121,10 @@ class LocalStack:
         index = len(self.scheduler_processes)
         with (self.home / f"scheduler-{index}.log").open("ab") as log:
             process = self._spawn(
-                "scheduler", f"--consumer=scheduler{index}-{os.getpid()}", output=log
+                "scheduler",
+                f"--consumer=scheduler{index}-{os.getpid()}",
+                *_metrics_option(self.scheduler_metrics_port, index),
+                output=log,
             )
         self.scheduler_processes.append(process)
         return process
@@ -148,3 +155,7 @@ class LocalStack:
         if self._started_redis:
             self._embedded_redis.stop()
             self._started_redis = False
+
+
+def _metrics_option(first_port: int, index: int) -> list[str]:
+    return [f"--metrics-port={first_port + index}"] if first_port else []
