@@ -219,7 +219,7 @@ def submit_batch(settings: Settings, source: str, items: Sequence[NewItem]) -> s
 
 def enqueue_batch(settings: Settings, batch_id: str) -> None:
     """Send a committed batch's start message; the worker queues the chunks with rows left."""
-    app.send_task(BATCH_START_TASK, args=(batch_id,))
+    app.send_task(BATCH_START_TASK, args=(batch_id,), argsrepr=f"batch_id={batch_id!r}")
     mark_enqueued(settings.resolved_database_url, batch_id)
 
 

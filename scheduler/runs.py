@@ -94,7 +94,11 @@ def enqueue_run(settings: Settings, run_id: str) -> None:
         ).all()
         signatures = [
             app.signature(
-                ACTIONS[step.action].task_name, args=(run_id, step.step_id), immutable=True
+                ACTIONS[step.action].task_name,
+                args=(run_id, step.step_id),
+                immutable=True,
+                # Flower shows this instead of a bare tuple: which run and step, by name.
+                argsrepr=f"run_id={run_id!r}, step_id={step.step_id!r}",
             )
             for step in steps
         ]

@@ -21,6 +21,7 @@ from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
+from entraflow import logs, metrics
 from entraflow.catalogue import BATCH_CHUNK_TASK, BATCH_START_TASK
 from entraflow.celery_app import app, max_retry_countdown_s
 from entraflow.settings import Settings, get_settings
@@ -48,6 +49,8 @@ SUCCESS_OUTCOMES = frozenset(
 )
 # The Celery event a chunk sends once recorded; Flower shows the task in state PROGRESS.
 PROGRESS_EVENT = "task-progress"
+# The action label of a chunk's Graph requests and log lines.
+CHUNK_ACTION = "batch_chunk"
 
 
 @lru_cache(maxsize=1)
@@ -154,13 +157,16 @@ def _retry_countdown_s(settings: Settings, exc: TransientGraphError) -> float:
 @app.task(name=BATCH_START_TASK, bind=True, max_retries=None)
 def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
     """Split a batch into chunks and queue a chunk task for each chunk with rows left."""
-    try:
-        chunks = split_batch(get_settings(), batch_id)
-    except OperationalError as exc:
-        raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
-    for chunk in chunks:
-        apply_batch_chunk.apply_async(args=(batch_id, chunk))
-    return {"batch_id": batch_id, "queued_chunks": len(chunks)}
+    with logs.bound(batch_id=batch_id):
+        try:
+            chunks = split_batch(get_settings(), batch_id)
+        except OperationalError as exc:
+            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+        for chunk in chunks:
+            apply_batch_chunk.apply_async(
+                args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
+            )
+        return {"batch_id": batch_id, "queued_chunks": len(chunks)}
 
 
 # Retries are bounded by the Graph client's retry policy (a chunk it gives up on fails), not by
@@ -168,17 +174,20 @@ def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
 @app.task(name=BATCH_CHUNK_TASK, bind=True, max_retries=None)
 def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
     """Apply one chunk of a batch and record each row's outcome."""
-    settings = get_settings()
-    try:
-        result = run_chunk(settings, bulk_graph_client(), batch_id, chunk)
-    except TransientGraphError as exc:
-        countdown_s = _retry_countdown_s(settings, exc)
-        log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
-        raise self.retry(countdown=countdown_s, exc=exc) from exc
-    except (OperationalError, redis.RedisError) as exc:
-        # Nothing was recorded for the rows not stored: the next delivery applies them again.
-        log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)
-        raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
-    # There is no result backend (the history is in SQL), so progress goes out as an event.
-    self.send_event(PROGRESS_EVENT, **result.to_dict())
-    return result.to_dict()
+    with logs.bound(batch_id=batch_id, action=CHUNK_ACTION):
+        settings = get_settings()
+        try:
+            result = run_chunk(settings, bulk_graph_client(), batch_id, chunk)
+        except TransientGraphError as exc:
+            countdown_s = _retry_countdown_s(settings, exc)
+            log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
+            raise self.retry(countdown=countdown_s, exc=exc) from exc
+        except (OperationalError, redis.RedisError) as exc:
+            # Nothing was recorded for the rows not stored: the next delivery applies them again.
+            log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)
+            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+        for outcome, rows in result.outcomes.items():
+            metrics.BATCH_ROWS.labels(outcome).inc(rows)
+        # There is no result backend (the history is in SQL), so progress goes out as an event.
+        self.send_event(PROGRESS_EVENT, **result.to_dict())
+        return result.to_dict()
