@@ -39,7 +39,7 @@ from worker.budget import BudgetExhaustedError, Priority
 from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk, chunk_rows
 from worker.errors import TransientGraphError
 from worker.graph import GraphClient
-from worker.tasks import STORAGE_RETRY_S, lock_client
+from worker.tasks import STORAGE_RETRY_S, lock_client, retry_argsrepr
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,9 @@ def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
         try:
             chunks = split_batch(get_settings(), batch_id)
         except OperationalError as exc:
-            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+            raise self.retry(
+                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
+            ) from exc
         for chunk in chunks:
             apply_batch_chunk.apply_async(
                 args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
@@ -181,11 +183,13 @@ def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
         except TransientGraphError as exc:
             countdown_s = _retry_countdown_s(settings, exc)
             log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
-            raise self.retry(countdown=countdown_s, exc=exc) from exc
+            raise self.retry(countdown=countdown_s, exc=exc, argsrepr=retry_argsrepr(self)) from exc
         except (OperationalError, redis.RedisError) as exc:
             # Nothing was recorded for the rows not stored: the next delivery applies them again.
             log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)
-            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+            raise self.retry(
+                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
+            ) from exc
         for outcome, rows in result.outcomes.items():
             metrics.BATCH_ROWS.labels(outcome).inc(rows)
         # There is no result backend (the history is in SQL), so progress goes out as an event.

@@ -87,11 +87,13 @@ class StepTask(Task):
         except RetryLater as exc:
             countdown_s = min(exc.countdown_s, max_retry_countdown_s(get_settings()))
             log.info("step %s/%s retries in %.1f s: %s", run_id, step_id, countdown_s, exc)
-            raise self.retry(countdown=countdown_s, exc=exc) from exc
+            raise self.retry(countdown=countdown_s, exc=exc, argsrepr=retry_argsrepr(self)) from exc
         except (OperationalError, redis.RedisError) as exc:
             # The database or Redis is away: nothing was recorded as done, so try again later.
             log.warning("step %s/%s waits for storage: %s", run_id, step_id, exc)
-            raise self.retry(countdown=STORAGE_RETRY_S, exc=exc) from exc
+            raise self.retry(
+                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
+            ) from exc
         return {"run_id": run_id, "step_id": step_id, "status": status}
 
     def on_failure(
@@ -152,3 +154,8 @@ lookup_user = _step_task("lookup_user")
 lookup_group = _step_task("lookup_group")
 add_user_to_group = _step_task("add_user_to_group")
 remove_member_from_group = _step_task("remove_member_from_group")
+
+
+def retry_argsrepr(task: Task) -> str | None:
+    """The readable arguments of the message being retried, for the new message Flower shows."""
+    return getattr(task.request, "argsrepr", None)
