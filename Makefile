@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format chaos clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Fault injection on a local stack; CHAOS_ARGS=--short is the CI-sized form.
+chaos: $(INSTALLED)
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .
