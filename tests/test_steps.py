@@ -306,3 +306,22 @@ def test_a_template_raising_a_python_error_fails_the_step_clearly(
         execute_step(unit_settings, lock_redis, run_id, "user", "lookup_user", performer({}))
     assert raised.value.error["outcome"] == "invalid_input"
     assert "TypeError" in raised.value.error["message"]
+
+
+def test_a_delivery_that_spent_its_attempts_goes_back_to_the_queue_within_the_time_budget(
+    unit_settings: Settings, lock_redis: redis.Redis
+) -> None:
+    run_id = create_run(unit_settings, "f", STEPS, EVENT)
+    throttled = ThrottledError("Too many requests", status=429, code="TooManyRequests")
+    throttled.retries_exhausted = True
+    with pytest.raises(RetryLater) as raised:
+        execute_step(
+            unit_settings,
+            lock_redis,
+            run_id,
+            "user",
+            "lookup_user",
+            performer({"lookup_user": throttled}),
+        )
+    assert raised.value.countdown_s == unit_settings.max_inprocess_wait_s
+    assert step_row(unit_settings, run_id, "user").status == StepStatus.RETRYING

@@ -179,7 +179,9 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
     except TransientGraphError as exc:
         countdown_s = exc.retry_after_s or settings.max_inprocess_wait_s
         elapsed_s = (utcnow() - context.started_at).total_seconds()
-        if exc.retries_exhausted or elapsed_s + countdown_s > settings.max_graph_retry_time_s:
+        # A delivery that spent its in-process attempts goes back to the queue: the step's time
+        # budget (and the delivery cap) end it, not one unlucky run of 429s.
+        if elapsed_s + countdown_s > settings.max_graph_retry_time_s:
             error = _error_of(exc)
             error["message"] = f"gave up after {elapsed_s:.0f} s: {error['message']}"
             audit = _audit(settings, context, inputs, error["outcome"], exc.request_id, error)
