@@ -21,6 +21,15 @@ from entraflow.settings import Settings, get_settings
 from models import migrations
 from models.db import create_database_engine, forget_engines, get_engine
 from sandbox.server import SandboxServer
+from worker import retry
+
+
+@pytest.fixture
+def no_sleeping() -> Iterator[None]:
+    """Retry waits recorded in `worker.retry.recorded_waits_s()` instead of slept."""
+    retry.set_testing(True)
+    yield
+    retry.set_testing(False)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from fake_transport import FakeTokens, FakeTransport, Reply, graph_error
 
@@ -51,11 +49,8 @@ NOT_FOUND = graph_error(
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from sqlmodel import col, func, select
 from entraflow import keys
 from entraflow.catalogue import BATCH_START_TASK
 from entraflow.cli.main import cli
+from entraflow.cli.stack import sandbox_environment
 from entraflow.settings import Settings, get_settings
 from models.batches import (
     BatchItem,
@@ -34,9 +35,6 @@ from sandbox.config import SandboxConfig
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
-    SANDBOX_CLIENT_ID,
-    SANDBOX_CLIENT_SECRET,
-    SANDBOX_TENANT_ID,
     bulk_user_id,
 )
 from sandbox.server import SandboxServer
@@ -47,7 +45,6 @@ from scheduler.batches import (
     parse_json_lines,
     read_batch_file,
 )
-from worker import retry
 from worker.batch_tasks import run_chunk, split_batch
 from worker.errors import TransientGraphError
 from worker.graph import GraphClient
@@ -71,11 +68,8 @@ class SandboxTokens:
         return self._app.issue_token()
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 @pytest.fixture
@@ -95,12 +89,7 @@ def graph(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandb
     """A sandbox over HTTP with paged groups, and the settings pointing the CLI at it."""
     server = SandboxServer(SandboxConfig(bulk_users=PAGED_BULK_USERS)).start()
     for name, value in {
-        "ENTRAFLOW_GRAPH_URL": server.graph_url,
-        "ENTRAFLOW_AUTHORITY_URL": server.authority_url,
-        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
-        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "OAUTHLIB_INSECURE_TRANSPORT": "1",
+        **sandbox_environment(server),
     }.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()

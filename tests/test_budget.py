@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ from sandbox_fixtures import FakeClock
 
 from entraflow import keys
 from entraflow.settings import PatchWriteCost, Settings
-from worker import retry
 from worker.budget import (
     WINDOW_MARGIN_S,
     Budget,
@@ -37,11 +35,8 @@ READ = Cost(1)
 WRITE = Cost(1, 1)
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import redis
@@ -52,11 +52,8 @@ class SandboxTokens:
         return self._token
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 @pytest.fixture

@@ -11,12 +11,10 @@ from typing import Any
 
 import pytest
 
+from entraflow.cli.stack import sandbox_environment
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
-    SANDBOX_CLIENT_ID,
-    SANDBOX_CLIENT_SECRET,
-    SANDBOX_TENANT_ID,
 )
 from sandbox.server import SandboxServer
 
@@ -44,12 +42,7 @@ def sandbox_env(sandbox_server: SandboxServer, tmp_path: Path) -> dict[str, str]
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("ENTRAFLOW_")},
         "ENTRAFLOW_HOME": str(tmp_path),
-        "ENTRAFLOW_GRAPH_URL": sandbox_server.graph_url,
-        "ENTRAFLOW_AUTHORITY_URL": sandbox_server.authority_url,
-        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
-        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "OAUTHLIB_INSECURE_TRANSPORT": "1",
+        **sandbox_environment(sandbox_server),
     }
 
 

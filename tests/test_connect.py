@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from entraflow.cli.connect import SignInOptions, sign_in
 from entraflow.cli.main import cli
+from entraflow.cli.stack import sandbox_environment
 from entraflow.secrets import SecretBox, generate_key
 from entraflow.settings import Settings, get_settings
 from models.connections import ConnectionStatus, load_connection
@@ -44,13 +45,8 @@ def entra(
 ) -> Iterator[Settings]:
     """Settings pointing at the sandbox, with a secret key."""
     for name, value in {
-        "ENTRAFLOW_GRAPH_URL": sandbox_server.graph_url,
-        "ENTRAFLOW_AUTHORITY_URL": sandbox_server.authority_url,
-        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
-        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
+        **sandbox_environment(sandbox_server),
         "ENTRAFLOW_SECRET_KEY": generate_key(),
-        "OAUTHLIB_INSECURE_TRANSPORT": "1",
     }.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()

@@ -14,13 +14,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from entraflow.cli.main import cli
+from entraflow.cli.stack import sandbox_environment
 from entraflow.settings import Settings, get_settings
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
-    SANDBOX_CLIENT_ID,
-    SANDBOX_CLIENT_SECRET,
-    SANDBOX_TENANT_ID,
 )
 from sandbox.server import SandboxServer
 
@@ -60,12 +58,7 @@ def graph_sandbox(
 ) -> Iterator[SandboxServer]:
     """The example flows applied, and the settings pointing at the Graph sandbox."""
     for name, value in {
-        "ENTRAFLOW_GRAPH_URL": sandbox_server.graph_url,
-        "ENTRAFLOW_AUTHORITY_URL": sandbox_server.authority_url,
-        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
-        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
-        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        "OAUTHLIB_INSECURE_TRANSPORT": "1",
+        **sandbox_environment(sandbox_server),
     }.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -31,11 +30,8 @@ GID = "0b5e3f43-7c2f-4f4a-9d6e-2a1b3c4d5e6f"
 UID = "6f5e4d3c-2b1a-4e9d-a4f7-2c7f3e5b0b11"
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 def client_with(

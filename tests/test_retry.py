@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -26,11 +25,8 @@ from worker.retry import (
 NOW = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True)
-def _no_sleeping() -> Iterator[None]:
-    retry.set_testing(True)
-    yield
-    retry.set_testing(False)
+# Retry waits are recorded instead of slept (the conftest fixture).
+pytestmark = pytest.mark.usefixtures("no_sleeping")
 
 
 @pytest.mark.parametrize(

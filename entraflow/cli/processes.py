@@ -105,17 +105,14 @@ def _budget_usage(settings: Settings, client: redis.Redis) -> dict[str, tuple[in
 @click.option("--port", type=int, default=8765, show_default=True)
 def sandbox(host: str, port: int) -> None:
     """Serve the Graph sandbox: a local stand-in for Microsoft Graph and its token endpoint."""
-    from sandbox.directory import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_TENANT_ID
+    from entraflow.cli.stack import sandbox_environment
     from sandbox.server import SandboxServer
 
     server = SandboxServer(host=host, port=port)
     click.echo(f"Graph sandbox on {server.url}; point entraflow at it with:")
-    click.echo(f"  export ENTRAFLOW_GRAPH_URL={server.graph_url}")
-    click.echo(f"  export ENTRAFLOW_AUTHORITY_URL={server.authority_url}")
-    click.echo(f"  export ENTRAFLOW_TENANT_ID={SANDBOX_TENANT_ID}")
-    click.echo(f"  export ENTRAFLOW_CLIENT_ID={SANDBOX_CLIENT_ID}")
-    click.echo(f"  export ENTRAFLOW_CLIENT_SECRET={SANDBOX_CLIENT_SECRET}  # the sandbox's own")
-    click.echo("  export OAUTHLIB_INSECURE_TRANSPORT=1  # plain HTTP, for this local server only")
+    for name, value in sandbox_environment(server).items():
+        click.echo(f"  export {name}={value}")
+    click.echo("(OAUTHLIB_INSECURE_TRANSPORT allows plain HTTP: only ever for this local server.)")
     server.serve_forever()
 
 

@@ -27,6 +27,19 @@ from sandbox.server import SandboxServer
 PROCESS_STOP_TIMEOUT_S = 20.0
 
 
+def sandbox_environment(sandbox: SandboxServer) -> dict[str, str]:
+    """The variables that point an entraflow process at `sandbox` and its app registration."""
+    return {
+        "ENTRAFLOW_GRAPH_URL": sandbox.graph_url,
+        "ENTRAFLOW_AUTHORITY_URL": sandbox.authority_url,
+        "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
+        "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
+        "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
+        # The sandbox speaks plain HTTP on loopback; never set this for a real authority.
+        "OAUTHLIB_INSECURE_TRANSPORT": "1",
+    }
+
+
 @dataclass
 class LocalStack:
     """Redis (the configured one or the embedded one), the sandbox, workers and schedulers."""
@@ -71,16 +84,7 @@ class LocalStack:
     @property
     def env(self) -> dict[str, str]:
         """The environment that points an entraflow process at this stack."""
-        env = {
-            "ENTRAFLOW_HOME": str(self.home),
-            "ENTRAFLOW_GRAPH_URL": self.sandbox.graph_url,
-            "ENTRAFLOW_AUTHORITY_URL": self.sandbox.authority_url,
-            "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
-            "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
-            "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-            # The sandbox speaks plain HTTP on loopback; never set this for a real authority.
-            "OAUTHLIB_INSECURE_TRANSPORT": "1",
-        }
+        env = {"ENTRAFLOW_HOME": str(self.home), **sandbox_environment(self.sandbox)}
         if self.redis_url:
             env["ENTRAFLOW_REDIS_URL"] = self.redis_url
         if self.database_url:
