@@ -202,7 +202,7 @@ class SandboxApp:
             answer, delay_s = self._batch(path, headers, body, base_url, client_request_id)
         else:
             request = GraphRequest(method, segments, parse_query(query), body, base_url)
-            answer, delay_s, _ = self._graph_part(request, path, headers)
+            answer, delay_s, _ = self._graph_part(request, path, headers, client_request_id)
         delay_s += self.config.latency_s
         if delay_s > 0:
             self._sleep(delay_s)
@@ -229,9 +229,12 @@ class SandboxApp:
         request: GraphRequest,
         path: str,
         headers: Mapping[str, str],
+        request_key: str,
         count_early: bool = True,
     ) -> tuple[GraphAnswer, float, bool]:
         """Authenticate, charge, fault and perform one Graph request (or `$batch` part).
+
+        `request_key` names the request across its retries (its `client-request-id`).
 
         Returns the answer, the delay to add before answering, and whether it was an early retry.
         """
@@ -259,7 +262,9 @@ class SandboxApp:
                 self._stats.responses[answer.status] += 1
                 return answer, 0.0, False
             cost = cost_of(kind, request, self.config)
-            verdict = self._throttle.admit(issued.client_id, issued.tenant_id, cost, now)
+            verdict = self._throttle.admit(
+                issued.client_id, issued.tenant_id, cost, now, request_key
+            )
             self._stats.ru_charged += verdict.ru_charged
             self._stats.early_retries += verdict.early_retry and count_early
             rule = None
@@ -270,7 +275,7 @@ class SandboxApp:
                 rule = self._faults.match(request.method, path, now)
                 answer = self._perform(route, request, rule)
                 if rule is not None:
-                    self._record_fault(rule, issued, now)
+                    self._record_fault(rule, issued, now, request_key)
             answer.headers["x-ms-resource-unit"] = str(verdict.ru_charged)
             if verdict.usage_ratio > WARNING_RATIO:
                 ratio = min(verdict.usage_ratio, MAX_REPORTED_RATIO)
@@ -312,12 +317,16 @@ class SandboxApp:
     def _resources(self) -> GraphResources:
         return GraphResources(self.directory, self.config, self._stats)
 
-    def _record_fault(self, rule: FaultRule, issued: IssuedToken, now: float) -> None:
+    def _record_fault(
+        self, rule: FaultRule, issued: IssuedToken, now: float, request_key: str
+    ) -> None:
         self._stats.fault_hits += 1
         wait_s = rule.retry_after_s()
         if rule.status == 429 and wait_s is not None:
             # An injected 429 tells the app to wait like a real one: arriving earlier is early.
-            self._throttle.told_to_wait(issued.client_id, issued.tenant_id, now + wait_s)
+            self._throttle.told_to_wait(
+                issued.client_id, issued.tenant_id, now, now + wait_s, request_key
+            )
 
     def _batch(
         self,
@@ -336,7 +345,7 @@ class SandboxApp:
                 return issued, 0.0
             rule = self._faults.match("POST", path, self._clock())
             if rule is not None and rule.status is not None:
-                self._record_fault(rule, issued, self._clock())
+                self._record_fault(rule, issued, self._clock(), client_request_id)
                 self._stats.responses[rule.status] += 1
                 return rule.answer(), rule.delay_s
         try:
@@ -362,7 +371,11 @@ class SandboxApp:
             part_headers = {str(k).lower(): str(v) for k, v in (part.get("headers") or {}).items()}
             part_headers["authorization"] = headers.get("authorization", "")
             answer, part_delay_s, early = self._graph_part(
-                request, f"{GRAPH_PREFIX}/{part_path}", part_headers, not told_in_this_batch
+                request,
+                f"{GRAPH_PREFIX}/{part_path}",
+                part_headers,
+                f"{client_request_id}/{part['id']}",
+                not told_in_this_batch,
             )
             told_in_this_batch = told_in_this_batch or (answer.status == 429 and not early)
             delay_s += part_delay_s

@@ -4,6 +4,10 @@ Each app+tenant pair has two rolling windows, resource units and writes (GRAPH.m
 "Throttling"). A request over budget is refused with the time until the budget would allow
 it; a request that arrives before that time is up is charged anyway and refused again, which
 is what makes an impatient client's throttle last longer, and is counted as an early retry.
+
+A request that arrives just after another one was told to wait was most likely on its way
+before its client heard (another worker process, a request already on the wire); within
+`IN_FLIGHT_S` only a retry of the throttled request itself (same `client-request-id`) is early.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ WRITE_RU = 1
 # `$top` below this saves one RU.
 SMALL_TOP = 20
 MIN_RU = 1
+# How long after a 429 a request from elsewhere in the app may still have been in flight.
+IN_FLIGHT_S = 0.1
 
 
 class ThrottleReason(StrEnum):
@@ -133,11 +139,34 @@ class Verdict:
 
 
 @dataclass
+class _Waits:
+    """The waits an app was told and are not over yet, to tell early retries from requests
+    already in flight."""
+
+    # (told at, wait until) of every 429 whose wait is not over.
+    told: list[tuple[float, float]] = field(default_factory=list)
+    # client-request-id of each throttled request -> until when it was told to wait.
+    requests: dict[str, float] = field(default_factory=dict)
+
+    def tell(self, now: float, until: float, request_key: str) -> None:
+        self.told.append((now, until))
+        if request_key:
+            self.requests[request_key] = max(self.requests.get(request_key, until), until)
+
+    def is_early(self, now: float, request_key: str) -> bool:
+        """Whether a request arriving now was sent before a wait it knew of was over."""
+        self.told = [(at, until) for at, until in self.told if until > now]
+        self.requests = {key: until for key, until in self.requests.items() if until > now}
+        if request_key in self.requests:
+            return True
+        return any(at + IN_FLIGHT_S <= now for at, _ in self.told)
+
+
+@dataclass
 class _AppBudget:
     ru: _Window = field(default_factory=_Window)
     writes: _Window = field(default_factory=_Window)
-    # Until when a 429 injected as a fault told this app to wait.
-    fault_wait_until: float = -math.inf
+    waits: _Waits = field(default_factory=_Waits)
 
 
 class Throttle:
@@ -148,8 +177,13 @@ class Throttle:
         self._config = config
         self._budgets: dict[tuple[str, str], _AppBudget] = {}
 
-    def admit(self, app_id: str, tenant_id: str, cost: Cost, now: float) -> Verdict:
-        """Charge and allow a request, or refuse it with how long to wait."""
+    def admit(
+        self, app_id: str, tenant_id: str, cost: Cost, now: float, request_key: str = ""
+    ) -> Verdict:
+        """Charge and allow a request, or refuse it with how long to wait.
+
+        `request_key` is the request's `client-request-id`: the same on every retry of it.
+        """
         config = self._config()
         budget = self._budgets.setdefault((app_id, tenant_id), _AppBudget())
         budget.ru.expire(now, config.ru_window_s)
@@ -161,7 +195,7 @@ class Throttle:
             )
         refusing = [c for c in charges if now < c.window.blocked_until]
         charged_while_blocked = bool(refusing)
-        early = charged_while_blocked or now < budget.fault_wait_until
+        early = budget.waits.is_early(now, request_key)
         if charged_while_blocked:
             # Graph keeps counting while the app is told to wait: charge, then refuse again.
             for c in charges:
@@ -178,6 +212,7 @@ class Throttle:
         retry_after_s = max(1, retry_after_s)
         for c in refusing:
             c.window.blocked_until = max(c.window.blocked_until, now + retry_after_s)
+        budget.waits.tell(now, now + retry_after_s, request_key)
         writes_refused = any(c.window is budget.writes for c in refusing)
         return Verdict(
             False,
@@ -191,10 +226,12 @@ class Throttle:
             ),
         )
 
-    def told_to_wait(self, app_id: str, tenant_id: str, until: float) -> None:
+    def told_to_wait(
+        self, app_id: str, tenant_id: str, now: float, until: float, request_key: str = ""
+    ) -> None:
         """Remember that an injected 429 told this app to wait until `until`."""
         budget = self._budgets.setdefault((app_id, tenant_id), _AppBudget())
-        budget.fault_wait_until = max(budget.fault_wait_until, until)
+        budget.waits.tell(now, until, request_key)
 
     @staticmethod
     def _ratio(budget: _AppBudget, config: SandboxConfig) -> float:

@@ -14,7 +14,7 @@ from sandbox.directory import (
     SANDBOX_TENANT_ID,
     bulk_user_id,
 )
-from sandbox.throttle import request_cost
+from sandbox.throttle import IN_FLIGHT_S, request_cost
 
 FALCON = DEMO_GROUPS["falcon"]
 ALL_STAFF = DEMO_GROUPS["all-staff"]
@@ -136,6 +136,32 @@ def test_retrying_before_retry_after_is_charged_refused_and_counted() -> None:
     assert early.headers["x-ms-resource-unit"] == "1"
     assert app.stats()["early_retries"] == 1
     assert app.stats()["ru_charged"] == 11
+
+
+def test_a_request_arriving_just_after_a_429_was_in_flight_and_is_not_early() -> None:
+    app, client, clock = throttled_app(ru_per_window=1, ru_window_s=10.0)
+    client.get(f"/users/{ADELE.id}")
+    assert client.get(f"/users/{ADELE.id}", {"client-request-id": "first"}).status == 429
+
+    # Another worker process had sent this before the first one heard of the 429.
+    clock.advance(IN_FLIGHT_S / 2)
+    in_flight = client.get(f"/users/{ADELE.id}", {"client-request-id": "second"})
+
+    assert in_flight.status == 429
+    assert app.stats()["early_retries"] == 0
+
+
+def test_retrying_the_throttled_request_at_once_is_early_even_within_the_flight_time() -> None:
+    app, client, clock = throttled_app(ru_per_window=1, ru_window_s=10.0)
+    client.get(f"/users/{ADELE.id}")
+    assert client.get(f"/users/{ADELE.id}", {"client-request-id": "first"}).status == 429
+
+    clock.advance(IN_FLIGHT_S / 2)
+    client.get(f"/users/{ADELE.id}", {"client-request-id": "first"})
+    clock.advance(IN_FLIGHT_S)
+    client.get(f"/users/{ADELE.id}", {"client-request-id": "third"})
+
+    assert app.stats()["early_retries"] == 2
 
 
 def test_an_impatient_client_stays_throttled_while_a_patient_one_recovers() -> None:
