@@ -35,6 +35,26 @@ POLL_INTERVAL_S = 0.5
 ADDED_OUTCOMES = frozenset({"added", "already_member"})
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much work a run of the suite asks for, and how long each part may take.
+
+    A scenario module may size its own work by `short` (the CI-sized form) instead.
+    """
+
+    short: bool
+    runs: int
+    rows: int
+    events: int
+    fault_s: float  # how long an injected fault stays active
+    timeout_s: float  # how long one scenario may take to reach its final state
+    seed: int = 7
+
+
+FULL = Sizes(short=False, runs=500, rows=2000, events=10_000, fault_s=60.0, timeout_s=1800.0)
+SHORT = Sizes(short=True, runs=30, rows=100, events=300, fault_s=8.0, timeout_s=90.0)
+
+
 @dataclass
 class Result:
     """One line of the table: what a scenario asked, what happened, and what went wrong."""
@@ -202,6 +222,42 @@ class Harness:
                 .group_by(key, AuditEntry.step_id)  # type: ignore[arg-type]
             ).all()
         return sum(count - 1 for count in counts)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One entry of the suite: a module under `chaos/` lists its own in `SCENARIOS`."""
+
+    name: str  # what `--only` takes
+    number: int  # the scenario's number in issue 7; the suite runs them in this order
+    run: Callable[[Harness, Sizes], list[Result]]
+    # Bulk users of the sandbox the scenario adds to groups (see `Harness.users`).
+    users_needed: Callable[[Sizes], int] = lambda sizes: 0
+
+
+def measured(harness: Harness, name: str, asked: str, body: Callable[[Tally], str]) -> Result:
+    """Run one scenario body; its result with the time taken and the early retries it caused."""
+    early_before = harness.early_retries()
+    started = time.monotonic()
+    tally = Tally()
+    try:
+        happened = body(tally)
+    finally:
+        harness.sandbox.clear_faults()
+    elapsed_s = time.monotonic() - started
+    died = harness.processes_died()
+    if died:
+        tally.notes.append(f"{died} processes died")
+    return Result(
+        scenario=name,
+        asked=asked,
+        happened="; ".join([happened, *tally.notes]),
+        lost=tally.lost,
+        duplicated=tally.duplicated,
+        early_retries=harness.early_retries() - early_before,
+        elapsed_s=elapsed_s,
+        processes_died=died,
+    )
 
 
 def wait_for(done: Callable[[], bool], deadline: float) -> bool:

@@ -6,10 +6,9 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from chaos.harness import Harness, Result, Tally, wait_for
+from chaos.harness import Harness, Result, Scenario, Sizes, Tally, measured, wait_for
 from entraflow import keys
 from models.history import FINAL_RUN_STATUSES
 from sandbox.directory import DEMO_GROUPS
@@ -43,26 +42,8 @@ AMBIGUOUS_GROUP = DEMO_GROUPS["engineering"].id
 POISON_GROUP = DEMO_GROUPS["support"].id
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """How much work a run of the suite asks for, and how long each part may take."""
-
-    runs: int
-    rows: int
-    events: int
-    fault_s: float  # how long an injected fault stays active
-    timeout_s: float  # how long one scenario may take to reach its final state
-    seed: int = 7
-
-
-FULL = Sizes(runs=500, rows=2000, events=10_000, fault_s=60.0, timeout_s=1800.0)
-SHORT = Sizes(runs=30, rows=100, events=300, fault_s=8.0, timeout_s=90.0)
-
-
-def bulk_users_needed(sizes: Sizes) -> int:
-    """Bulk users the sandbox must seed: every scenario adds users no other one touched."""
-    throttle = len(RETRY_AFTER_VARIANTS) * (sizes.runs + small_batch_rows(sizes))
-    return throttle + sizes.runs + sizes.rows + sizes.events
+def _throttling_users(sizes: Sizes) -> int:
+    return len(RETRY_AFTER_VARIANTS) * (sizes.runs + small_batch_rows(sizes))
 
 
 def small_batch_rows(sizes: Sizes) -> int:
@@ -93,7 +74,7 @@ def _throttled(
         )
 
     asked = f"{sizes.runs} runs + {rows} rows, {THROTTLED_SHARE:.0%} 429 for {sizes.fault_s:g}s"
-    return _measured(
+    return measured(
         harness,
         f"throttling, {variant}",
         asked,
@@ -123,7 +104,7 @@ def ambiguous_writes(harness: Harness, sizes: Sizes) -> list[Result]:
         f"applied then 500 for {sizes.fault_s:g}s"
     )
     return [
-        _measured(
+        measured(
             harness,
             "ambiguous writes",
             asked,
@@ -139,42 +120,15 @@ def poison(harness: Harness, sizes: Sizes) -> list[Result]:
     good = round(sizes.events * GOOD_SHARE)
     asked = f"{sizes.events} events, {sizes.events - good} malformed"
     return [
-        _measured(
-            harness, "poison input", asked, lambda tally: _poison(harness, sizes, good, tally)
-        )
+        measured(harness, "poison input", asked, lambda tally: _poison(harness, sizes, good, tally))
     ]
 
 
-SCENARIOS: dict[str, Callable[[Harness, Sizes], list[Result]]] = {
-    "throttling": throttling,
-    "ambiguous": ambiguous_writes,
-    "poison": poison,
-}
-
-
-def _measured(harness: Harness, name: str, asked: str, body: Callable[[Tally], str]) -> Result:
-    """Run one scenario body; its result with the time taken and the early retries it caused."""
-    early_before = harness.early_retries()
-    started = time.monotonic()
-    tally = Tally()
-    try:
-        happened = body(tally)
-    finally:
-        harness.sandbox.clear_faults()
-    elapsed_s = time.monotonic() - started
-    died = harness.processes_died()
-    if died:
-        tally.notes.append(f"{died} processes died")
-    return Result(
-        scenario=name,
-        asked=asked,
-        happened="; ".join([happened, *tally.notes]),
-        lost=tally.lost,
-        duplicated=tally.duplicated,
-        early_retries=harness.early_retries() - early_before,
-        elapsed_s=elapsed_s,
-        processes_died=died,
-    )
+SCENARIOS = [
+    Scenario("throttling", 5, throttling, _throttling_users),
+    Scenario("ambiguous", 6, ambiguous_writes, lambda sizes: sizes.runs + sizes.rows),
+    Scenario("poison", 8, poison, lambda sizes: sizes.events),
+]
 
 
 def _flows_and_batch(

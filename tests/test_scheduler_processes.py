@@ -163,7 +163,7 @@ def kill_worker(process: subprocess.Popen[bytes]) -> None:
 def expire_dead_worker_leases(client: redis.Redis, redis_url: str) -> None:
     """Do now what time would do for a dead worker: redeliver its messages, free its steps."""
     # The Redis transport redelivers unacknowledged messages after the visibility timeout
-    # (15 minutes), and a step's lock outlives its dead holder by up to its lease (2 minutes).
+    # (5 minutes), and a step's lock outlives its dead holder by up to as long.
     with Connection(redis_url, transport_options={"visibility_timeout": 0}) as connection:
         connection.default_channel.qos.restore_visible(num=1000)
     for lock in client.scan_iter(match=keys.step_lock("*", "*")):

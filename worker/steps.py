@@ -33,10 +33,6 @@ from worker.errors import EntraflowError, GraphError, TransientGraphError
 
 log = logging.getLogger(__name__)
 
-# How long one delivery may hold a step before another delivery may take it over. A delivery
-# that outlives it cannot record its result (see the attempt check), so it only bounds how long
-# a step whose worker died waits for its redelivery to run.
-STEP_LEASE_S = 120.0
 # A delivery that found the step locked by another one looks again within these bounds.
 BUSY_RECHECK_MIN_S = 1.0
 BUSY_RECHECK_MAX_S = 10.0
@@ -104,8 +100,14 @@ def execute_step(
     action: str,
     perform: Perform,
 ) -> str:
-    """Run one delivery of a step and return the status it ended in."""
-    lock = redis_client.lock(keys.step_lock(run_id, step_id), timeout=STEP_LEASE_S)
+    """Run one delivery of a step and return the status it ended in.
+
+    The step's lock is leased for the visibility timeout: a live delivery ends within it (or the
+    broker would hand its message to another worker anyway), and a dead worker's message comes
+    back after it, when the lock has lapsed too. A delivery that outlives its lease cannot record
+    its result (see the attempt check).
+    """
+    lock = redis_client.lock(keys.step_lock(run_id, step_id), timeout=settings.visibility_timeout_s)
     if not lock.acquire(blocking=False):
         remaining_ms = redis_client.pttl(keys.step_lock(run_id, step_id))
         countdown_s = min(max(remaining_ms / 1000, BUSY_RECHECK_MIN_S), BUSY_RECHECK_MAX_S)
