@@ -45,9 +45,12 @@ def parse_event(raw: bytes | str) -> dict[str, Any]:
     if len(encoded) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"event is {len(encoded)} bytes; the limit is {MAX_EVENT_BYTES}")
     try:
-        event = json.loads(encoded)
+        # Decoded here, not by json.loads: given bytes it would also take UTF-16 and UTF-32.
+        text = encoded.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"event is not UTF-8: {exc}") from exc
+    try:
+        event = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"event is not JSON: {exc}") from exc
     except RecursionError as exc:

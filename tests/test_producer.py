@@ -99,3 +99,22 @@ def test_parse_event_treats_null_data_as_no_data() -> None:
         b'{"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data": null}'
     )
     assert event["data"] is None
+
+
+@pytest.mark.parametrize(
+    ("encoding", "reason"),
+    # Without a byte order mark, UTF-16 text of ASCII is valid UTF-8 with NULs: not JSON.
+    [("utf-16", "not UTF-8"), ("utf-32", "not UTF-8"), ("utf-16-le", "not JSON")],
+)
+def test_an_event_in_another_unicode_encoding_is_refused(encoding: str, reason: str) -> None:
+    # json.loads would take these bytes; producers are told events are UTF-8 JSON.
+    raw = json.dumps(build_event(type="t", source="s", id="1")).encode(encoding)
+
+    with pytest.raises(InvalidEvent, match=reason):
+        parse_event(raw)
+
+
+def test_a_nul_after_the_opening_brace_is_not_json_rather_than_utf16() -> None:
+    # Found by the chaos suite's poison scenario: b'{\x00...' was reported as bad UTF-16.
+    with pytest.raises(InvalidEvent, match="not JSON"):
+        parse_event(b'{\x00"a": 1}')
