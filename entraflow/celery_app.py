@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from celery.exceptions import Reject
 
 from entraflow import keys
 from entraflow.redis_server import redis_url
@@ -19,8 +20,31 @@ from entraflow.settings import Settings, get_settings
 COUNTDOWN_SHARE_OF_VISIBILITY = 0.75
 # How often a worker looks for messages whose worker died (older than the visibility timeout).
 UNACKED_RESTORE_INTERVAL_S = 10
+# A task message sent while the broker is away (a Redis restart) is tried again for about this
+# long before its sender gives up: a step's retry, a chain's next step, a batch's chunks, the
+# scheduler's runs. Celery's default, about a second, drops them for any restart.
+PUBLISH_PATIENCE_S = 30.0
+# kombu waits this much longer after each refused publish, up to the maximum.
+PUBLISH_RETRY_STEP_S = 0.2
+PUBLISH_RETRY_MAX_INTERVAL_S = 1.0
 
-app = Celery("entraflow", include=["worker.tasks", "worker.batch_tasks"])
+
+class EntraflowTask(Task):
+    """The base of every entraflow task: a retry the broker refuses puts the message back."""
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as exc:
+            if exc.requeue:
+                raise
+            # Celery rejects the message for good when its retry cannot be sent, and a run or a
+            # batch then waits forever. Put back instead: redelivered as soon as the broker is
+            # there, or, while it is not, left unacknowledged for the visibility timeout.
+            raise Reject(exc.reason, requeue=True) from exc
+
+
+app = Celery("entraflow", include=["worker.tasks", "worker.batch_tasks"], task_cls=EntraflowTask)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -35,6 +59,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
         },
         "broker_connection_retry_on_startup": True,
+        "task_publish_retry_policy": {
+            "max_retries": round(PUBLISH_PATIENCE_S / PUBLISH_RETRY_MAX_INTERVAL_S),
+            "interval_start": 0,
+            "interval_step": PUBLISH_RETRY_STEP_S,
+            "interval_max": PUBLISH_RETRY_MAX_INTERVAL_S,
+        },
         # Run history lives in SQL; task results would only duplicate it.
         "task_ignore_result": True,
         "task_serializer": "json",

@@ -3,11 +3,17 @@
 With `ENTRAFLOW_REDIS_URL` unset, every entraflow process of one `ENTRAFLOW_HOME` shares one
 server: the first to need it starts it (under a file lock) on a free loopback port and writes the
 port down; the others find it there. It keeps an append-only file, so it loses nothing on restart.
+
+A restart keeps the port, since every process holds the URL: `stop(keep_port=True)` or `kill()`,
+then `start_again()`. A server that died is likewise started on its old port by the next process
+that needs it, unless something else took the port meanwhile.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -28,6 +34,12 @@ STARTUP_TIMEOUT_S = 10.0
 # How long `stop` waits for the server to exit after SHUTDOWN.
 SHUTDOWN_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 0.5
+# How long `kill` waits for the killed server's process to be gone.
+KILL_TIMEOUT_S = 10.0
+# How often a wait for the server to appear or go looks again.
+POLL_INTERVAL_S = 0.02
+# Where the daemonized server writes its pid, in its folder: `kill` needs it.
+PID_FILE = "redis.pid"
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -66,13 +78,19 @@ class EmbeddedRedis:
             url = self.url  # another process may have started it while we waited
             if url:
                 return url, False
-            port = _free_port()
+            # A server that died keeps its port: the processes still holding its URL reconnect.
+            port = self._recorded_port()
+            if port is None or not _port_is_free(port):
+                port = _free_port()
             self._launch(port)
             self.port_file.write_text(str(port))
             return f"redis://127.0.0.1:{port}/0", True
 
-    def stop(self) -> None:
-        """Shut the server down, waiting until it has gone."""
+    def stop(self, *, keep_port: bool = False) -> None:
+        """Shut the server down (its AOF written out), waiting until it has gone.
+
+        `keep_port` leaves the port written down, for `start_again` to reuse.
+        """
         port = self._recorded_port()
         if port is None or not _answers_ping(port):
             return
@@ -81,8 +99,31 @@ class EmbeddedRedis:
             client.shutdown()
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
         while _answers_ping(port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.port_file.unlink(missing_ok=True)
+            time.sleep(POLL_INTERVAL_S)
+        if not keep_port:
+            self.port_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would; its port stays for `start_again`."""
+        pid = self._server_pid()
+        if pid is None:
+            raise EmbeddedRedisError(f"no embedded redis-server is running in {self.folder}")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while _is_running(pid):
+            if time.monotonic() > deadline:
+                raise EmbeddedRedisError(f"redis-server {pid} outlived SIGKILL")
+            time.sleep(POLL_INTERVAL_S)
+
+    def start_again(self) -> str:
+        """Start the stopped or killed server on the port it had, replaying its AOF; its URL."""
+        port = self._recorded_port()
+        if port is None:
+            raise EmbeddedRedisError(f"no port is recorded in {self.port_file}")
+        with self._start_lock():
+            if not _answers_ping(port):
+                self._launch(port)
+        return f"redis://127.0.0.1:{port}/0"
 
     def _launch(self, port: int) -> None:
         command = [
@@ -93,7 +134,7 @@ class EmbeddedRedis:
             "--appendonly", "yes",
             "--save", "",
             "--daemonize", "yes",
-            "--pidfile", str(self.folder / "redis.pid"),
+            "--pidfile", str(self.folder / PID_FILE),
             "--logfile", str(self.folder / "redis.log"),
         ]  # fmt: skip
         completed = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -106,7 +147,20 @@ class EmbeddedRedis:
             if time.monotonic() > deadline:
                 log = self.folder / "redis.log"
                 raise EmbeddedRedisError(f"the embedded redis-server did not answer; see {log}")
-            time.sleep(0.02)
+            time.sleep(POLL_INTERVAL_S)
+
+    def _server_pid(self) -> int | None:
+        """The pid of this folder's running redis-server, checked against the recorded port."""
+        port = self._recorded_port()
+        try:
+            pid = int((self.folder / PID_FILE).read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ValueError):
+            return None
+        # A pid file outlives a killed server, and its pid may since belong to another process.
+        if b"redis-server" not in command or f":{port}".encode() not in command:
+            return None
+        return pid
 
     def _recorded_port(self) -> int | None:
         try:
@@ -150,6 +204,35 @@ def _answers_ping(port: int) -> bool:
         return False
     finally:
         client.close()
+
+
+def _is_running(pid: int) -> bool:
+    """Whether any thread of `pid` is still alive (a zombie waiting for its parent is not)."""
+    # The main thread can be a zombie while other threads still exit, holding the sockets open.
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for thread in threads:
+        try:
+            status = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        # The state follows the parenthesised command name; Z is a zombie, X a dead thread.
+        if status.rpartition(")")[2].split()[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        # As redis-server binds: a dead server's connections still in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

@@ -58,9 +58,11 @@ READ_BLOCK_MS = 1000
 CLAIM_INTERVAL_S = 1.0
 # How often the stream is trimmed and stranded runs re-queued, by one scheduler at a time.
 HOUSEKEEPING_INTERVAL_S = 30.0
-# Waits after a database or Redis failure: doubling from the first to the last.
+# Waits after a database or Redis failure: doubling from the first to the last. The last bounds
+# how long the scheduler stays idle once the service is back (30 s left events waiting half a
+# minute after a Redis restart); one failed try every few seconds costs nothing.
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_S = 4.0
 
 # Failures of the services the scheduler depends on, as opposed to faults of the event.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

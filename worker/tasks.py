@@ -15,11 +15,13 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, Retry
 from celery.signals import worker_process_init
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as RedisRetry
 from sqlalchemy.exc import OperationalError
 
 from entraflow import logs, metrics
 from entraflow.catalogue import ACTIONS
-from entraflow.celery_app import app, max_retry_countdown_s
+from entraflow.celery_app import EntraflowTask, app, max_retry_countdown_s
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from models.db import forget_engines, session_scope
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 
 # How long a step waits before trying again when the database or Redis does not answer.
 STORAGE_RETRY_S = 5.0
+# Step locks and the Graph budget wait this long for a Redis that went away (a restart) before
+# the step gives up: a lock it could not release would hold the step up for its whole lease.
+REDIS_PATIENCE_S = 30.0
+# The longest wait between two tries of a Redis command; the first is a tenth of a second.
+REDIS_RETRY_MAX_INTERVAL_S = 1.0
+REDIS_RETRY_FIRST_INTERVAL_S = 0.1
 FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
 # The status label of a step delivery that did not end in a step status.
 DELIVERY_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
@@ -51,8 +59,17 @@ def graph_client() -> GraphClient:
 
 @lru_cache(maxsize=1)
 def lock_client() -> redis.Redis:
-    """This process's connection to the Redis that holds step locks."""
-    return redis.Redis.from_url(redis_url(get_settings()))
+    """This process's connection to the Redis that holds step locks and the Graph budget."""
+    return redis.Redis.from_url(redis_url(get_settings()), retry=patient_redis_retry())
+
+
+def patient_redis_retry() -> RedisRetry:
+    """Reconnect and try a command again for about `REDIS_PATIENCE_S` while Redis is away."""
+    # Half the first interval: the backoff doubles it before the first wait.
+    backoff = ExponentialBackoff(
+        cap=REDIS_RETRY_MAX_INTERVAL_S, base=REDIS_RETRY_FIRST_INTERVAL_S / 2
+    )
+    return RedisRetry(backoff, round(REDIS_PATIENCE_S / REDIS_RETRY_MAX_INTERVAL_S))
 
 
 @worker_process_init.connect
@@ -68,7 +85,7 @@ def perform(action: str, inputs: dict[str, Any]) -> ActionResult:
     return run_action(graph_client(), action, inputs)
 
 
-class StepTask(Task):
+class StepTask(EntraflowTask):
     """A task that executes one step of a flow run; `action` names the Entra action."""
 
     abstract = True
