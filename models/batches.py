@@ -473,6 +473,19 @@ def report_rows(database_url: str, batch_id: str) -> Iterator[dict[str, Any]]:
         last_line, last_id = page[-1].line, page[-1].id or 0
 
 
+def unfinished_batches(database_url: str, cutoff: datetime, limit: int) -> list[tuple[str, bool]]:
+    """Queued or running batches queued before `cutoff`, each with whether it has been split."""
+    with session_scope(database_url) as session:
+        rows = session.exec(
+            select(Batch.id, Batch.chunks)
+            .where(col(Batch.status).in_([BatchStatus.QUEUED, BatchStatus.RUNNING]))
+            .where(col(Batch.enqueued_at) < cutoff)
+            .order_by(col(Batch.enqueued_at))
+            .limit(limit)
+        ).all()
+    return [(batch_id, chunks is not None) for batch_id, chunks in rows]
+
+
 def stranded_batches(database_url: str, cutoff: datetime, limit: int) -> list[str]:
     """Queued batches committed before `cutoff` whose start message was never sent."""
     with session_scope(database_url) as session:

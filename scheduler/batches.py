@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from entraflow.catalogue import BATCH_START_TASK
+from entraflow import keys
+from entraflow.catalogue import BATCH_CHUNK_TASK, BATCH_START_TASK
 from entraflow.celery_app import app
 from entraflow.settings import Settings
 from models.batches import (
@@ -28,9 +29,12 @@ from models.batches import (
     add_batch,
     get_batch,
     mark_enqueued,
+    pending_chunks,
     stranded_batches,
+    unfinished_batches,
 )
 from models.db import session_scope, utcnow
+from scheduler.runs import LOST_MESSAGE_GRACE_S, held_task_args
 
 CSV_COLUMNS = ("action", "user_id", "group_id")
 USER_ID_COLUMN = "user_id"
@@ -234,11 +238,69 @@ def resume_batch(settings: Settings, batch_id: str) -> None:
 
 
 def enqueue_stranded_batches(
-    settings: Settings, *, grace_s: float = STRANDED_BATCH_GRACE_S
+    settings: Settings,
+    *,
+    grace_s: float = STRANDED_BATCH_GRACE_S,
+    lost_grace_s: float = LOST_MESSAGE_GRACE_S,
 ) -> list[str]:
-    """Queue the batches committed more than `grace_s` ago and never queued; return their ids."""
+    """Queue what batches miss: start messages never sent, messages lost; return their ids.
+
+    A batch committed more than `grace_s` ago was never queued when its submitter died first. A
+    batch queued more than `lost_grace_s` ago with a message lost with a dying worker (see
+    `scheduler.runs`) gets that message again: its start, or each chunk with rows left that
+    has no message waiting or held.
+    """
+    database_url = settings.resolved_database_url
     cutoff = utcnow() - timedelta(seconds=grace_s)
-    stranded = stranded_batches(settings.resolved_database_url, cutoff, STRANDED_BATCHES_PER_PASS)
+    stranded = stranded_batches(database_url, cutoff, STRANDED_BATCHES_PER_PASS)
     for batch_id in stranded:
         enqueue_batch(settings, batch_id)
+    for batch_id, chunks in lost_batch_messages(settings, grace_s=lost_grace_s).items():
+        if chunks is None:
+            enqueue_batch(settings, batch_id)
+        for chunk in chunks or []:
+            enqueue_chunk(batch_id, chunk)
+        stranded.append(batch_id)
     return stranded
+
+
+def lost_batch_messages(
+    settings: Settings, *, grace_s: float = LOST_MESSAGE_GRACE_S
+) -> dict[str, list[int] | None]:
+    """The chunks of unfinished batches whose message is neither waiting nor held, by batch.
+
+    None for a batch not yet split whose start message is lost. A chunk's delivery records
+    every row of it before its message is acknowledged, so a chunk with rows left and no
+    message has lost it.
+    """
+    database_url = settings.resolved_database_url
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    unfinished = unfinished_batches(database_url, cutoff, STRANDED_BATCHES_PER_PASS)
+    held = held_task_args(keys.BULK_QUEUE) if unfinished else None
+    if held is None:
+        return {}
+    # A start message carries the batch id; a chunk message the batch id and the chunk.
+    starting = {args[0] for args in held if len(args) == 1}
+    chunks_held = {args for args in held if len(args) == 2}
+    lost: dict[str, list[int] | None] = {}
+    for batch_id, split in unfinished:
+        if batch_id in starting:
+            continue  # the start queues whatever its batch misses
+        if not split:
+            lost[batch_id] = None
+            continue
+        missing = [
+            chunk
+            for chunk in pending_chunks(database_url, batch_id)
+            if (batch_id, str(chunk)) not in chunks_held
+        ]
+        if missing:
+            lost[batch_id] = missing
+    return lost
+
+
+def enqueue_chunk(batch_id: str, chunk: int) -> None:
+    """Send the message of one chunk of a split batch again."""
+    app.send_task(
+        BATCH_CHUNK_TASK, args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
+    )

@@ -2,11 +2,17 @@
 
 The order matters: a run on the queue always has its rows, and a run whose rows were committed
 but never queued (a crash between the two) keeps `enqueued_at` empty, so it can be found again.
+A run can also lose its message after it was queued: kombu's Redis transport takes a message off
+the queue before it notes that the worker holds it, and a worker dying in between (SIGKILL, a
+lost machine) takes the message with it, where no visibility timeout brings it back. An
+unfinished run with no message of it waiting or held is queued again the same way.
 Tasks are sent by name: the scheduler never imports the worker's code.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -14,16 +20,22 @@ from typing import Any
 from celery import chain
 from sqlmodel import Session, col, select
 
+from entraflow import keys
 from entraflow.catalogue import ACTIONS
 from entraflow.celery_app import app
 from entraflow.settings import Settings
 from models.db import session_scope
-from models.runs import FlowRun, StepRun, StepStatus, utcnow
+from models.runs import FlowRun, RunStatus, StepRun, StepStatus, utcnow
 
 # A run committed this long ago and still not queued is stranded: its starter died in between.
 STRANDED_RUN_GRACE_S = 60.0
 # Stranded runs re-queued per pass, so one pass stays short.
 STRANDED_RUNS_PER_PASS = 100
+# Work queued this long ago with no message of it waiting or held by a worker has lost its
+# message. Work queued more recently is left to its first delivery.
+LOST_MESSAGE_GRACE_S = 15.0
+# The content type of every task message entraflow sends (see entraflow.celery_app).
+JSON_CONTENT_TYPE = "application/json"
 
 
 class FlowDefinitionError(ValueError):
@@ -122,9 +134,12 @@ def unqueued_runs(session: Session, run_ids: Sequence[str]) -> list[str]:
 
 
 def enqueue_stranded_runs(
-    settings: Settings, *, grace_s: float = STRANDED_RUN_GRACE_S
+    settings: Settings,
+    *,
+    grace_s: float = STRANDED_RUN_GRACE_S,
+    lost_grace_s: float = LOST_MESSAGE_GRACE_S,
 ) -> list[str]:
-    """Queue the runs committed more than `grace_s` ago and never queued; return their ids."""
+    """Queue the runs on no queue, never queued or having lost their message; return their ids."""
     cutoff = utcnow() - timedelta(seconds=grace_s)
     with session_scope(settings.resolved_database_url) as session:
         stranded = list(
@@ -136,7 +151,63 @@ def enqueue_stranded_runs(
                 .limit(STRANDED_RUNS_PER_PASS)
             ).all()
         )
+    stranded += lost_runs(settings, grace_s=lost_grace_s)
     # Queue first, mark after: a crash in between queues a chain twice, which steps shrug off.
     for run_id in stranded:
         enqueue_run(settings, run_id)
     return stranded
+
+
+def lost_runs(settings: Settings, *, grace_s: float = LOST_MESSAGE_GRACE_S) -> list[str]:
+    """Unfinished runs queued over `grace_s` ago whose step message is neither waiting nor held.
+
+    A chain has one message at a time, and a step that ends either ends its run or sends the
+    next message before its own is acknowledged: a run with no message at all has lost it.
+    """
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    with session_scope(settings.resolved_database_url) as session:
+        unfinished = session.exec(
+            select(FlowRun.id)
+            .where(col(FlowRun.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]))
+            .where(col(FlowRun.enqueued_at) < cutoff)
+            .order_by(col(FlowRun.enqueued_at))
+            .limit(STRANDED_RUNS_PER_PASS)
+        ).all()
+    if not unfinished:
+        return []
+    held = held_task_args(keys.FLOWS_QUEUE)
+    if held is None:
+        return []
+    held_runs = {args[0] for args in held if args}
+    return [run_id for run_id in unfinished if run_id not in held_runs]
+
+
+def held_task_args(queue: str) -> list[tuple[str, ...]] | None:
+    """The arguments, as text, of every task message workers hold unacknowledged.
+
+    None while messages wait on `queue`: one of them may be the message looked for, and reading
+    a long queue through is not worth it; once it has drained, what is not held is nowhere.
+    """
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        if channel.queue_declare(queue=queue).message_count:
+            return None
+        with channel.conn_or_acquire() as client:
+            held = client.hvals(channel.unacked_key)
+    return [args for args in map(_task_args, held) if args is not None]
+
+
+def _task_args(raw: bytes) -> tuple[str, ...] | None:
+    """The arguments of a JSON task message as kombu's Redis transport holds it, or None."""
+    try:
+        # The message, its exchange and its routing key. Only JSON is read: never unpickle.
+        message = json.loads(raw)[0]
+        if message.get("content-type") != JSON_CONTENT_TYPE:
+            return None
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, LookupError, TypeError, AttributeError):
+        return None  # not a task message of ours
+    return tuple(str(arg) for arg in args) if isinstance(args, list) else None

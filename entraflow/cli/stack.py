@@ -1,8 +1,10 @@
 """A whole entraflow on one machine: Redis, the Graph sandbox, real workers and schedulers.
 
-The demo runs on it; so do the integration tests and the benchmarks. Everything it starts, it
-stops. Workers and schedulers are real `entraflow worker` and `entraflow scheduler` processes,
-and the workers talk to the sandbox over HTTP.
+The demo runs on it; so do the integration tests, the benchmarks and the fault-injection suite.
+Everything it starts, it stops. Workers and schedulers are real `entraflow worker` and
+`entraflow scheduler` processes, and the workers talk to the sandbox over HTTP. Each starts in a
+process group of its own, so a worker and its pool processes can be killed at once, as a
+container dies, and started again in its place.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -57,6 +61,8 @@ class LocalStack:
     worker_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     scheduler_processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _started_redis: bool = False
+    # The extra environment each scheduler was started with, by index, so a restart keeps it.
+    _scheduler_env: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -107,8 +113,34 @@ class LocalStack:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """Start one more worker process; its log goes to the stack's home."""
-        index = len(self.worker_processes)
-        process = self._spawn(
+        process = self._spawn_worker(len(self.worker_processes))
+        self.worker_processes.append(process)
+        return process
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL worker `index` and its pool processes at once, as a dying container would."""
+        _kill_group(self.worker_processes[index])
+
+    def restart_worker(self, index: int) -> subprocess.Popen[bytes]:
+        """Start worker `index` again in its place, under the same name and log, once it is dead."""
+        if self.worker_processes[index].poll() is None:
+            raise RuntimeError(f"worker {index} is still running")
+        process = self._spawn_worker(index)
+        self.worker_processes[index] = process
+        return process
+
+    def worker_children(self, index: int) -> list[int]:
+        """The pids of worker `index`'s pool processes."""
+        return _children(self.worker_processes[index].pid)
+
+    def kill_worker_child(self, index: int, pid: int) -> None:
+        """SIGKILL one pool process of worker `index`; the worker lives on and forks another."""
+        if pid not in self.worker_children(index):
+            raise ValueError(f"{pid} is not a pool process of worker {index}")
+        os.kill(pid, signal.SIGKILL)
+
+    def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
+        return self._spawn(
             "worker",
             f"--concurrency={self.concurrency}",
             f"--hostname=worker{index}-{os.getpid()}@%h",
@@ -117,48 +149,111 @@ class LocalStack:
             f"--logfile={self.home / f'worker-{index}.log'}",
             *_metrics_option(self.worker_metrics_port, index),
         )
-        self.worker_processes.append(process)
-        return process
 
-    def start_scheduler(self) -> subprocess.Popen[bytes]:
-        """Start one more scheduler process; its log goes to the stack's home."""
+    def start_scheduler(self, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more scheduler process, with `env` added to its environment."""
         index = len(self.scheduler_processes)
-        with (self.home / f"scheduler-{index}.log").open("ab") as log:
-            process = self._spawn(
-                "scheduler",
-                f"--consumer=scheduler{index}-{os.getpid()}",
-                *_metrics_option(self.scheduler_metrics_port, index),
-                output=log,
-            )
+        self._scheduler_env[index] = dict(env or {})
+        process = self._spawn_scheduler(index)
         self.scheduler_processes.append(process)
         return process
 
-    def _spawn(self, *args: str, output: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    def kill_scheduler(self, index: int) -> None:
+        """SIGKILL scheduler `index`: whatever it read and did not acknowledge stays pending."""
+        _kill_group(self.scheduler_processes[index])
+
+    def restart_scheduler(self, index: int) -> subprocess.Popen[bytes]:
+        """Start scheduler `index` again in its place, as the same consumer, once it is dead.
+
+        The same consumer name reads its own pending entries first, as a restarted container does.
+        """
+        if self.scheduler_processes[index].poll() is None:
+            raise RuntimeError(f"scheduler {index} is still running")
+        process = self._spawn_scheduler(index)
+        self.scheduler_processes[index] = process
+        return process
+
+    def stop_scheduler(self, index: int) -> None:
+        """Stop scheduler `index` (SIGTERM, or SIGKILL if it hangs) and forget it.
+
+        Only the last one may go, so every other keeps its index, its name and its log.
+        """
+        if index != len(self.scheduler_processes) - 1:
+            raise ValueError("only the last scheduler started can be stopped alone")
+        _stop([self.scheduler_processes[index]])
+        self.scheduler_processes.pop()
+        self._scheduler_env.pop(index, None)
+
+    def scheduler_consumer(self, index: int) -> str:
+        """Scheduler `index`'s name in the consumer group."""
+        return f"scheduler{index}-{os.getpid()}"
+
+    def _spawn_scheduler(self, index: int) -> subprocess.Popen[bytes]:
+        with (self.home / f"scheduler-{index}.log").open("ab") as log:
+            return self._spawn(
+                "scheduler",
+                f"--consumer={self.scheduler_consumer(index)}",
+                *_metrics_option(self.scheduler_metrics_port, index),
+                output=log,
+                env=self._scheduler_env.get(index),
+            )
+
+    def _spawn(
+        self, *args: str, output: IO[bytes] | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "entraflow", *args],
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=output or subprocess.DEVNULL,
             stderr=output or subprocess.DEVNULL,
+            # Its own process group: a kill reaches the pool processes too, and a Ctrl-C in the
+            # terminal reaches only this stack's owner, which stops everything in order.
+            start_new_session=True,
         )
 
     def stop(self) -> None:
-        processes = [*self.scheduler_processes, *self.worker_processes]
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=PROCESS_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop([*self.scheduler_processes, *self.worker_processes])
         self.scheduler_processes.clear()
+        self._scheduler_env.clear()
         self.worker_processes.clear()
         self.sandbox.stop()
         if self._started_redis:
             self._embedded_redis.stop()
             self._started_redis = False
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process, then wait; SIGKILL the group of one that does not stop in time."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=PROCESS_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process and, if it leads its own group, every process of that group; reap it."""
+    # Only while it is not yet reaped: until then its pid, and so its group id, cannot be reused.
+    if process.returncode is None:
+        with suppress(ProcessLookupError):
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:  # started by someone else, in the caller's group
+                process.kill()
+    process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux), forked by any of its threads."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(OSError):
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return sorted(children)
 
 
 def _metrics_option(first_port: int, index: int) -> list[str]:
