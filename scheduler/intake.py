@@ -332,10 +332,16 @@ class Scheduler:
         self.trim()
         stranded = enqueue_stranded_runs(self.settings)
         if stranded:
-            log.warning("queued %d runs that were committed but never queued", len(stranded))
+            log.warning(
+                "queued %d runs on no queue: never queued, or their message lost with a worker",
+                len(stranded),
+            )
         stranded_batches = enqueue_stranded_batches(self.settings)
         if stranded_batches:
-            log.warning("queued %d batches submitted but never queued", len(stranded_batches))
+            log.warning(
+                "queued %d batches missing a message: never queued, or lost with a worker",
+                len(stranded_batches),
+            )
         retention_days = self.settings.runs_retention_days
         if retention_days is not None:
             pruned = prune_history(

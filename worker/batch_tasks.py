@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.signals import worker_process_init
+from kombu.exceptions import KombuError
 from sqlalchemy.exc import OperationalError
 
 from entraflow import logs, metrics
@@ -164,10 +165,16 @@ def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
             raise self.retry(
                 countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
             ) from exc
-        for chunk in chunks:
-            apply_batch_chunk.apply_async(
-                args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
-            )
+        try:
+            for chunk in chunks:
+                apply_batch_chunk.apply_async(
+                    args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
+                )
+        except KombuError as exc:
+            # The broker went away mid-way: split again later (a chunk queued twice is harmless).
+            raise self.retry(
+                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
+            ) from exc
         return {"batch_id": batch_id, "queued_chunks": len(chunks)}
 
 
@@ -192,6 +199,10 @@ def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
             ) from exc
         for outcome, rows in result.outcomes.items():
             metrics.BATCH_ROWS.labels(outcome).inc(rows)
-        # There is no result backend (the history is in SQL), so progress goes out as an event.
-        self.send_event(PROGRESS_EVENT, **result.to_dict())
+        # There is no result backend (the history is in SQL), so progress goes out as an event:
+        # best effort, since the rows are recorded whether or not the broker takes it.
+        try:
+            self.send_event(PROGRESS_EVENT, **result.to_dict())
+        except KombuError as exc:
+            log.warning("batch %s chunk %d progress event not sent: %s", batch_id, chunk, exc)
         return result.to_dict()

@@ -120,6 +120,9 @@ def execute_step(
             lock.release()
         except redis.exceptions.LockError:
             log.warning("step %s/%s outlived its lease", run_id, step_id)
+        except redis.RedisError as exc:
+            # What the step did is recorded; the lock lapses with its lease.
+            log.warning("step %s/%s lock not released: %s", run_id, step_id, exc)
 
 
 def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepContext:
