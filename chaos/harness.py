@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -71,6 +72,17 @@ class Result:
     @property
     def ok(self) -> bool:
         return not (self.lost or self.duplicated or self.early_retries or self.processes_died)
+
+
+@dataclass
+class CheckedResult(Result):
+    """A result that also fails on checks that are no loss: a bound exceeded, a stop missed."""
+
+    failed_checks: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return super().ok and not self.failed_checks
 
 
 @dataclass
@@ -258,6 +270,21 @@ def measured(harness: Harness, name: str, asked: str, body: Callable[[Tally], st
         elapsed_s=elapsed_s,
         processes_died=died,
     )
+
+
+def checked(
+    harness: Harness, name: str, asked: str, body: Callable[[Tally, list[str]], str]
+) -> CheckedResult:
+    """`measured`, failing also on checks that are no loss; `body` lists the ones that failed."""
+    failed: list[str] = []
+    result = measured(harness, name, asked, lambda tally: body(tally, failed))
+    return CheckedResult(**dataclasses.asdict(result), failed_checks=len(failed))
+
+
+def fail_check(tally: Tally, failed: list[str], note: str) -> None:
+    """Record a check that failed, for `checked` to count and the table to show."""
+    failed.append(note)
+    tally.notes.append(f"FAILED: {note}")
 
 
 def wait_for(done: Callable[[], bool], deadline: float) -> bool:

@@ -17,6 +17,7 @@ from models.history import show_run
 from models.runs import StepRun, StepStatus, utcnow
 from scheduler.runs import create_run
 from worker.actions import ActionResult
+from worker.budget import BudgetExhaustedError
 from worker.errors import NotFoundError, ThrottledError
 from worker.steps import (
     DuplicateDelivery,
@@ -325,3 +326,23 @@ def test_a_delivery_that_spent_its_attempts_goes_back_to_the_queue_within_the_ti
         )
     assert raised.value.countdown_s == unit_settings.max_inprocess_wait_s
     assert step_row(unit_settings, run_id, "user").status == StepStatus.RETRYING
+
+
+def test_waiting_for_the_shared_budget_spends_neither_deliveries_nor_the_time_budget(
+    unit_settings: Settings, lock_redis: redis.Redis
+) -> None:
+    # Found by the chaos load scenario: a 50,000-event backlog failed runs that only waited.
+    run_id = create_run(unit_settings, "f", STEPS, EVENT)
+    waiting = performer({"lookup_user": BudgetExhaustedError("budget spent", retry_after_s=90.0)})
+
+    for _ in range(unit_settings.max_step_deliveries + 1):
+        with pytest.raises(RetryLater) as raised:
+            execute_step(unit_settings, lock_redis, run_id, "user", "lookup_user", waiting)
+        assert raised.value.countdown_s == 90.0
+    row = step_row(unit_settings, run_id, "user")
+    assert (row.status, row.attempts, row.started_at) == (StepStatus.RETRYING, 0, None)
+
+    done = performer({"lookup_user": {"id": "u1", "jobTitle": "Engineer"}})
+    assert execute_step(unit_settings, lock_redis, run_id, "user", "lookup_user", done) == (
+        "succeeded"
+    )

@@ -6,12 +6,17 @@ first reads the stored tokens again: a waiter finds the fresh access token its p
 stored and uses it, instead of refreshing with a refresh token that has just been replaced.
 An `invalid_grant` marks the connection broken; from then on every call fails at once, without
 asking the token endpoint, until someone runs `entraflow connect` again.
+
+Running processes follow the stored connection: `entraflow connect` or `disconnect` while
+workers run takes effect in each of them within `CONNECTION_RECHECK_S`, or at once when Graph
+refuses the old connection's token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,6 +28,7 @@ import requests
 from oauthlib.oauth2 import InsecureTransportError, OAuth2Error, WebApplicationClient
 from pydantic import SecretStr
 from requests_oauthlib import OAuth2Session
+from sqlalchemy.exc import OperationalError
 
 from entraflow.keys import CONNECTION_REFRESH_LOCK
 from entraflow.redis_server import redis_url
@@ -61,6 +67,9 @@ INVALID_GRANT = "invalid_grant"
 # died mid-refresh blocks the others only briefly.
 REFRESH_LOCK_SLACK_S = 10.0
 RECONNECT_HINT = "run `entraflow connect` again"
+# How often a process looks at the stored connection again, in seconds: a connection stored or
+# removed while workers run is what they act as this long after, at most.
+CONNECTION_RECHECK_S = 5.0
 # Who signed in: the cheapest read that names them (GET /me needs no more than User.Read.All).
 ME_PATH = "/me"
 ME_QUERY = "$select=userPrincipalName"
@@ -221,8 +230,82 @@ def connection_identity(settings: Settings) -> tuple[str | None, str | None]:
 def token_provider_for(
     settings: Settings, *, token_session_factory: SessionFactory = new_oauth2_session
 ) -> TokenProvider:
-    """The stored connection's token provider, or else the app-only one `settings` describe."""
-    connection = load_connection(settings.resolved_database_url)
+    """The token provider of the connection stored now, followed as it changes."""
+    return StoredConnectionTokenProvider(settings, token_session_factory=token_session_factory)
+
+
+# What tells one stored connection from the next: `connect` stores a new one, with a new time.
+ConnectionIdentity = tuple[ConnectionKind, datetime] | None
+
+
+def _identity_of(connection: Connection | None) -> ConnectionIdentity:
+    return None if connection is None else (connection.kind, connection.connected_at)
+
+
+class StoredConnectionTokenProvider:
+    """Tokens of the stored connection, or else of the app-only one `settings` describe.
+
+    A process caches its Graph client for its whole life, so this looks at the stored
+    connection again now and then, and whenever a token or the connection was refused, and
+    switches providers when `entraflow connect` or `disconnect` changed it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        token_session_factory: SessionFactory = new_oauth2_session,
+        recheck_s: float = CONNECTION_RECHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._token_session_factory = token_session_factory
+        self._recheck_s = recheck_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Built now, so a connection that cannot be used fails where the client is made.
+        connection = load_connection(settings.resolved_database_url)
+        self._identity = _identity_of(connection)
+        self._provider = _provider_for(settings, connection, token_session_factory)
+        self._checked_at = clock()
+
+    def token(self, force_refresh: bool = False) -> str:
+        """A valid access token of the connection stored now."""
+        # A refused token may mean the connection was replaced: one read tells.
+        provider = self._current(recheck=force_refresh)
+        try:
+            return provider.token(force_refresh)
+        except AuthenticationError:
+            # A broken or removed connection may have been replaced since we last looked.
+            replaced = self._current(recheck=True)
+            if replaced is provider:
+                raise
+            return replaced.token()
+
+    def _current(self, *, recheck: bool) -> TokenProvider:
+        with self._lock:
+            now = self._clock()
+            if recheck or now >= self._checked_at + self._recheck_s:
+                self._checked_at = now
+                try:
+                    connection = load_connection(self._settings.resolved_database_url)
+                except OperationalError:
+                    # The database is away: a Graph call needs no database, so go on as the
+                    # connection last seen, and look again after the interval.
+                    return self._provider
+                identity = _identity_of(connection)
+                if identity != self._identity:
+                    self._provider = _provider_for(
+                        self._settings, connection, self._token_session_factory
+                    )
+                    self._identity = identity
+            return self._provider
+
+
+def _provider_for(
+    settings: Settings, connection: Connection | None, token_session_factory: SessionFactory
+) -> TokenProvider:
+    """The provider of `connection`, or of the app-only connection `settings` describe."""
     if connection is None:
         return ClientCredentialsTokenProvider.from_settings(
             settings, session_factory=token_session_factory

@@ -29,6 +29,7 @@ from models.audit import MEMBERSHIP_ACTIONS, FlowStep, current_actor, record_mem
 from models.db import session_scope
 from models.runs import FINAL_STEP_STATUSES, FlowRun, RunStatus, StepRun, StepStatus, utcnow
 from worker.actions import ActionResult
+from worker.budget import BudgetExhaustedError
 from worker.errors import EntraflowError, GraphError, TransientGraphError
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,12 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
     recorded_inputs = redact(inputs)
     try:
         result = perform(context.action, inputs)
+    except BudgetExhaustedError as exc:
+        # Waiting for our own share of Graph is no failure of Graph's: it spends neither the
+        # step's retry time nor its delivery cap (a batch chunk releases its attempt the same
+        # way). A backlog longer than the budget allows in that time must wait, not fail.
+        _record(url, context, StepStatus.RETRYING, inputs=recorded_inputs, waited=True)
+        raise RetryLater(exc.retry_after_s or settings.max_inprocess_wait_s, str(exc)) from exc
     except TransientGraphError as exc:
         countdown_s = exc.retry_after_s or settings.max_inprocess_wait_s
         elapsed_s = (utcnow() - context.started_at).total_seconds()
@@ -286,9 +293,17 @@ def _record(
     error: dict[str, Any] | None = None,
     request_id: str | None = None,
     audit: Audit | None = None,
+    waited: bool = False,
 ) -> None:
-    """Write the step's new state (and its audit entry), only if this delivery holds the claim."""
+    """Write the step's new state (and its audit entry), only if this delivery holds the claim.
+
+    `waited`: the delivery only waited for the Graph budget; it gives its attempt back, and the
+    step's time budget starts again at the next delivery.
+    """
     values: dict[str, Any] = {"status": status}
+    if waited:
+        values["attempts"] = context.attempt - 1
+        values["started_at"] = None
     if inputs is not None:
         values["inputs"] = inputs
     if output is not None:
