@@ -15,8 +15,9 @@ import pytest
 import redis
 from sqlmodel import SQLModel
 
-from entraflow.cli.stack import LocalStack
+from entraflow.cli.stack import LocalStack, sandbox_environment
 from entraflow.redis_server import EmbeddedRedis
+from entraflow.secrets import generate_key
 from entraflow.settings import Settings, get_settings
 from models import migrations
 from models.db import create_database_engine, forget_engines, get_engine
@@ -125,6 +126,30 @@ def settings(
 def sandbox_server() -> Iterator[SandboxServer]:
     """The Graph sandbox over real HTTP on a free loopback port."""
     server = SandboxServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def entra(
+    settings: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Settings pointing at the sandbox's app registration, with a secret key."""
+    for name, value in {
+        **sandbox_environment(sandbox_server),
+        "ENTRAFLOW_SECRET_KEY": generate_key(),
+    }.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """An embedded server of the test's own: restarting the session's would disturb the rest."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.ensure_running()
     yield server
     server.stop()
 

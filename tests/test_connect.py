@@ -7,7 +7,6 @@ import logging
 import re
 import threading
 import webbrowser
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,8 +17,7 @@ from sqlalchemy import text
 
 from entraflow.cli.connect import SignInOptions, sign_in
 from entraflow.cli.main import cli
-from entraflow.cli.stack import sandbox_environment
-from entraflow.secrets import SecretBox, generate_key
+from entraflow.secrets import SecretBox
 from entraflow.settings import Settings, get_settings
 from models.connections import ConnectionStatus, load_connection
 from models.db import get_engine
@@ -37,21 +35,6 @@ from worker.graph import GraphClient
 SERVICE_ACCOUNT = DEMO_USERS["svc"].upn
 # How many workers refresh at once in the concurrency test.
 WORKERS = 8
-
-
-@pytest.fixture
-def entra(
-    settings: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    """Settings pointing at the sandbox, with a secret key."""
-    for name, value in {
-        **sandbox_environment(sandbox_server),
-        "ENTRAFLOW_SECRET_KEY": generate_key(),
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
 
 
 def play_user(url: str) -> threading.Thread:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,52 +20,43 @@ pytestmark = pytest.mark.integration
 MAX_PUSHES = 200_000
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A private embedded server: restarting the session's would disturb every other test."""
-    embedded = EmbeddedRedis(tmp_path / "redis")
-    embedded.ensure_running()
-    yield embedded
-    embedded.stop()
-
-
 def _client(url: str) -> redis.Redis:
     # No client-side retries: a write the server did not acknowledge must show as an error.
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
 
 
-def test_a_clean_restart_keeps_the_port_and_every_key(server: EmbeddedRedis) -> None:
-    url = server.url
+def test_a_clean_restart_keeps_the_port_and_every_key(private_redis: EmbeddedRedis) -> None:
+    url = private_redis.url
     assert url is not None
     _client(url).set("kept", "yes")
 
-    server.stop(keep_port=True)
-    assert server.url is None
-    again = server.start_again()
+    private_redis.stop(keep_port=True)
+    assert private_redis.url is None
+    again = private_redis.start_again()
 
-    assert again == url == server.url
+    assert again == url == private_redis.url
     assert _client(url).get("kept") == b"yes"
 
 
 def test_a_client_holding_the_url_works_again_once_the_server_is_back(
-    server: EmbeddedRedis,
+    private_redis: EmbeddedRedis,
 ) -> None:
-    url = server.url
+    url = private_redis.url
     assert url is not None
     client = redis.Redis.from_url(url)
     client.set("before", 1)
 
-    server.kill()
+    private_redis.kill()
     with pytest.raises(redis.ConnectionError):
         _client(url).ping()
-    server.start_again()
+    private_redis.start_again()
 
     # The same client object, as every entraflow process holds one: it reconnects by itself.
     assert client.get("before") == b"1"
 
 
-def test_a_killed_server_loses_no_write_it_acknowledged(server: EmbeddedRedis) -> None:
-    url = server.url
+def test_a_killed_server_loses_no_write_it_acknowledged(private_redis: EmbeddedRedis) -> None:
+    url = private_redis.url
     assert url is not None
     client = _client(url)
     acknowledged: list[int] = []
@@ -86,9 +76,9 @@ def test_a_killed_server_loses_no_write_it_acknowledged(server: EmbeddedRedis) -
     writer.start()
     assert started.wait(timeout=30)
     # appendfsync everysec writes the AOF before answering: only a lost machine loses a second.
-    server.kill()
+    private_redis.kill()
     writer.join(timeout=30)
-    server.start_again()
+    private_redis.start_again()
 
     stored = [int(value) for value in client.lrange("numbers", 0, -1)]
     assert len(acknowledged) < MAX_PUSHES, "the writer never saw the server die"
@@ -102,43 +92,43 @@ def test_start_again_refuses_a_server_that_never_had_a_port(tmp_path: Path) -> N
         EmbeddedRedis(tmp_path / "redis").start_again()
 
 
-def test_kill_refuses_a_pid_file_that_names_another_process(server: EmbeddedRedis) -> None:
-    server.stop(keep_port=True)
+def test_kill_refuses_a_pid_file_that_names_another_process(private_redis: EmbeddedRedis) -> None:
+    private_redis.stop(keep_port=True)
     # A stale pid file whose pid now belongs to someone else, here this very test process.
-    (server.folder / PID_FILE).write_text(str(os.getpid()))
+    (private_redis.folder / PID_FILE).write_text(str(os.getpid()))
 
     with pytest.raises(EmbeddedRedisError, match="no embedded redis-server"):
-        server.kill()
+        private_redis.kill()
 
 
 def test_a_server_that_died_is_started_again_on_its_port_by_the_next_process_needing_it(
-    server: EmbeddedRedis,
+    private_redis: EmbeddedRedis,
 ) -> None:
-    url = server.url
+    url = private_redis.url
     assert url is not None
     client = redis.Redis.from_url(url)
     client.set("connected", 1)  # a connection the killed server leaves in TIME_WAIT
-    server.kill()
+    private_redis.kill()
 
-    again, started = server.ensure_running()
+    again, started = private_redis.ensure_running()
 
     assert started and again == url
     assert client.get("connected") == b"1"
 
 
 def test_a_server_whose_port_was_taken_meanwhile_starts_on_another(
-    server: EmbeddedRedis,
+    private_redis: EmbeddedRedis,
 ) -> None:
-    url = server.url
+    url = private_redis.url
     assert url is not None
-    server.kill()
-    port = int(server.port_file.read_text())
+    private_redis.kill()
+    port = int(private_redis.port_file.read_text())
 
     with socket.socket() as squatter:
         # The killed server's connections may hold the port in TIME_WAIT.
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
-        again, started = server.ensure_running()
+        again, started = private_redis.ensure_running()
 
-    assert started and again != url and again == server.url
+    assert started and again != url and again == private_redis.url

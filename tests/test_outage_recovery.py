@@ -40,15 +40,6 @@ FAILED_TRIES = 20
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """An embedded server of the test's own: restarting the session's would disturb the rest."""
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.ensure_running()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def restart(private_redis: EmbeddedRedis) -> Iterator[threading.Timer]:
     """Stop the private server now, keeping its port; it starts again `RESTART_S` later."""
     private_redis.stop(keep_port=True)

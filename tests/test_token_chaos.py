@@ -8,15 +8,12 @@ nothing. `GET /me` answers only a delegated token, so it tells which connection 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import requests
 from sqlalchemy.exc import OperationalError
 
-from entraflow.cli.stack import sandbox_environment
-from entraflow.secrets import SecretBox, generate_key
-from entraflow.settings import Settings, get_settings
+from entraflow.secrets import SecretBox
+from entraflow.settings import Settings
 from models.connections import delete_connection
 from sandbox.directory import DEMO_USER_ID, DEMO_USERS, SANDBOX_CLIENT_ID, SANDBOX_TENANT_ID
 from sandbox.server import SandboxServer
@@ -32,21 +29,6 @@ from worker.errors import AuthenticationError, BadRequestError
 from worker.graph import GraphClient
 
 SERVICE_ACCOUNT = DEMO_USERS["svc"].upn
-
-
-@pytest.fixture
-def entra(
-    settings: Settings, sandbox_server: SandboxServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Settings]:
-    """Settings pointing at the sandbox's app registration, with a secret key."""
-    for name, value in {
-        **sandbox_environment(sandbox_server),
-        "ENTRAFLOW_SECRET_KEY": generate_key(),
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield get_settings()
-    get_settings.cache_clear()
 
 
 class Clock:
