@@ -30,6 +30,8 @@ FLOWS_DIR = Path(__file__).resolve().parent / "flows"
 ADD_EVENT_TYPE = "chaos.member.add"
 # Triggers `chaos-gated`, whose trigger.if divides by `event.data.divisor`.
 GATED_EVENT_TYPE = "chaos.member.gated"
+# Triggers `chaos-lookup-add`: two steps, so a chain must go on across a fault.
+LOOKUP_ADD_EVENT_TYPE = "chaos.member.lookup-add"
 # How often a scenario looks at the database while it waits for the work to end.
 POLL_INTERVAL_S = 0.5
 # Outcomes that mean a row or step did what it was asked (the second after an ambiguous write).
@@ -136,21 +138,29 @@ class Harness:
     def members(self, group_id: str) -> set[str]:
         return set(self.sandbox.directory.members(group_id))
 
-    def add_event(self, source: str, user: int, group_id: str, **data: int) -> str:
-        """An event of `chaos-add` (or of `chaos-gated` with `data`), as JSON."""
+    def add_event(
+        self, source: str, user: int, group_id: str, event_type: str = ADD_EVENT_TYPE
+    ) -> str:
+        """An event of `chaos-add` (or of the flow `event_type` triggers) for bulk user `user`."""
         event = build_event(
-            type=GATED_EVENT_TYPE if data else ADD_EVENT_TYPE,
+            type=event_type,
             source=source,
             id=str(user),
-            data={"user_id": bulk_user_id(user), "group_id": group_id, **data},
+            data={"user_id": bulk_user_id(user), "group_id": group_id},
         )
         return json.dumps(event)
 
-    def publish_adds(self, source: str, users: Iterable[int], group_id: str) -> list[str]:
-        """One `chaos-add` event per user; returns the event ids."""
+    def publish_adds(
+        self,
+        source: str,
+        users: Iterable[int],
+        group_id: str,
+        event_type: str = ADD_EVENT_TYPE,
+    ) -> list[str]:
+        """One `chaos-add` event (or `event_type`) per user; returns the event ids."""
         ids = []
         for user in users:
-            publish_raw(self.redis, self.add_event(source, user, group_id))
+            publish_raw(self.redis, self.add_event(source, user, group_id, event_type))
             ids.append(str(user))
         return ids
 

@@ -10,7 +10,6 @@ first, or it stays dead and a second scheduler claims what it held once idle lon
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -25,14 +24,22 @@ from sqlalchemy import func
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 
-from chaos.harness import Harness, Result, Scenario, Sizes, Tally, measured, wait_for
+from chaos.harness import (
+    LOOKUP_ADD_EVENT_TYPE,
+    Harness,
+    Result,
+    Scenario,
+    Sizes,
+    Tally,
+    measured,
+    wait_for,
+)
 from entraflow import keys
 from models.batches import BatchItem
 from models.db import session_scope
 from models.history import FINAL_RUN_STATUSES
 from models.runs import FlowRun, StepRun, StepStatus
-from sandbox.directory import DEMO_GROUPS, bulk_user_id
-from scheduler.producer import build_event, publish_raw
+from sandbox.directory import DEMO_GROUPS
 
 # The group every kill scenario adds to; each uses users of its own, so checks stay exact.
 KILL_GROUP = DEMO_GROUPS["sales"].id
@@ -176,22 +183,8 @@ SCENARIOS = [
 
 # The runs of the worker scenario are `chaos-lookup-add` (chaos/flows): a lookup, then the add it
 # feeds, so a kill can also land between two steps.
-LOOKUP_ADD_TYPE = "chaos.member.lookup-add"
 FIRST_STEP, LAST_STEP = "user", "add"
 STEPS_PER_RUN = 2
-
-
-def publish_lookup_adds(harness: Harness, source: str, users: Sequence[int]) -> list[str]:
-    """One `chaos-lookup-add` event per user into `KILL_GROUP`; returns the event ids."""
-    for user in users:
-        event = build_event(
-            type=LOOKUP_ADD_TYPE,
-            source=source,
-            id=str(user),
-            data={"user_id": bulk_user_id(user), "group_id": KILL_GROUP},
-        )
-        publish_raw(harness.redis, json.dumps(event))
-    return [str(user) for user in users]
 
 
 @dataclass(frozen=True)
@@ -268,7 +261,7 @@ def _worker_kills(harness: Harness, sizes: Sizes, kill: KillSizes, tally: Tally)
     harness.sandbox.configure(latency_s=GRAPH_LATENCY_S)
     kills: list[KillDone] = []
     try:
-        event_ids = publish_lookup_adds(harness, source, run_users)
+        event_ids = harness.publish_adds(source, run_users, KILL_GROUP, LOOKUP_ADD_EVENT_TYPE)
         batch_id = harness.submit_adds(source, row_users, KILL_GROUP)
         started = last_kill = time.monotonic()
         done_at_last_kill = -1

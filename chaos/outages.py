@@ -9,7 +9,6 @@ worker and the scheduler must find their way back by themselves.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -20,15 +19,24 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy.engine import make_url
 
-from chaos.harness import Harness, Result, Scenario, Sizes, Tally, measured, wait_for
+from chaos.harness import (
+    LOOKUP_ADD_EVENT_TYPE,
+    Harness,
+    Result,
+    Scenario,
+    Sizes,
+    Tally,
+    measured,
+    wait_for,
+)
 from entraflow import keys
 from entraflow.celery_app import PUBLISH_PATIENCE_S
 from entraflow.redis_server import EmbeddedRedis
 from models.batches import batch_view
 from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.history import FINAL_RUN_STATUSES
-from sandbox.directory import DEMO_GROUPS, bulk_user_id
-from scheduler.producer import build_event, publish_raw
+from sandbox.directory import DEMO_GROUPS
+from scheduler.producer import publish_raw
 from worker.tasks import REDIS_PATIENCE_S
 
 # Every Graph request (not the token endpoint, which answers through its own path).
@@ -42,8 +50,6 @@ FAULT_AT_SHARE = 0.3
 FAULT_START_TIMEOUT_S = 60.0
 # A producer that finds Redis away tries the same event again after this long.
 PRODUCER_RETRY_S = 0.25
-# Triggers `chaos-lookup-add`: a lookup, then the add it feeds.
-LOOKUP_ADD_EVENT_TYPE = "chaos.member.lookup-add"
 # These scenarios add their users to this group; the others use other groups.
 OUTAGE_GROUP = DEMO_GROUPS["sales"].id
 
@@ -292,17 +298,6 @@ def _ended(harness: Harness, source: str, batch_id: str) -> int:
     return runs + (int(view["done"]) if view else 0)
 
 
-def lookup_add_event(source: str, user: int) -> str:
-    """An event of `chaos-lookup-add` for bulk user `user`, as JSON."""
-    event = build_event(
-        type=LOOKUP_ADD_EVENT_TYPE,
-        source=source,
-        id=str(user),
-        data={"user_id": bulk_user_id(user), "group_id": OUTAGE_GROUP},
-    )
-    return json.dumps(event)
-
-
 class _Producer(threading.Thread):
     """One `chaos-lookup-add` event per user, at a steady pace, retried while Redis is away."""
 
@@ -320,7 +315,9 @@ class _Producer(threading.Thread):
     def run(self) -> None:
         try:
             for user in self.users:
-                event = lookup_add_event(self.source, user)
+                event = self.harness.add_event(
+                    self.source, user, OUTAGE_GROUP, LOOKUP_ADD_EVENT_TYPE
+                )
                 while not self.stop.is_set():
                     try:
                         publish_raw(self.harness.redis, event)
