@@ -203,7 +203,7 @@ class Harness:
         tally.duplicate(len(per_event.keys() - set(event_ids)), "runs of events not asked")
         run_ids = [run_id for _, run_id, _ in runs]
         tally.duplicate(
-            self._audit_repeats(col(AuditEntry.run_id).in_(run_ids), AuditEntry.run_id),
+            self.audit_repeats(col(AuditEntry.run_id).in_(run_ids), AuditEntry.run_id),
             "steps audited twice",
         )
 
@@ -221,7 +221,7 @@ class Harness:
         tally.lose(rows - len(outcomes), "rows missing")
         tally.lose(sum(o not in ADDED_OUTCOMES for o in outcomes), "rows without success")
         tally.duplicate(
-            self._audit_repeats(AuditEntry.batch_id == batch_id, AuditEntry.batch_row),
+            self.audit_repeats(AuditEntry.batch_id == batch_id, AuditEntry.batch_row),
             "rows audited twice",
         )
 
@@ -235,7 +235,7 @@ class Harness:
         tally.duplicate(len(after - asked - before), "memberships not asked")
         tally.lose(len(before - after), "memberships removed")
 
-    def _audit_repeats(self, where: object, key: object) -> int:
+    def audit_repeats(self, where: object, key: object) -> int:
         """How many audit entries repeat an earlier one's (key, step): a change reported twice."""
         with session_scope(self.database_url) as session:
             counts = session.exec(

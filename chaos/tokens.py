@@ -306,7 +306,11 @@ def _revoke_mid_work(
         fail_check(tally, failed, "the revocation did not land while work was under way")
     _check_applied(harness, event_ids, runs, run_users, rows, row_users, before, tally)
     tally.duplicate(_runs_count(harness, source) - len(runs), "extra runs")
-    tally.duplicate(_audit_repeats(harness, source, batch_id), "changes audited twice")
+    run_ids = [run_id for _, run_id, _ in harness.runs(source)]
+    repeats = harness.audit_repeats(
+        col(AuditEntry.run_id).in_(run_ids), AuditEntry.run_id
+    ) + harness.audit_repeats(AuditEntry.batch_id == batch_id, AuditEntry.batch_row)
+    tally.duplicate(repeats, "changes audited twice")
     first_error = next((error for ok, error in outcomes if not ok), None)
     return (
         f"{succeeded} done before, {len(outcomes) - succeeded} failed after the revocation, "
@@ -456,25 +460,6 @@ def _run_outcomes(harness: Harness, source: str) -> dict[str, tuple[bool, str | 
 def _runs_count(harness: Harness, source: str) -> int:
     with session_scope(harness.database_url) as session:
         return int(session.exec(select(func.count()).where(FlowRun.event_source == source)).one())
-
-
-def _audit_repeats(harness: Harness, source: str, batch_id: str) -> int:
-    """Audit entries that repeat an earlier one's step or row: a change reported twice."""
-    by_step = (
-        select(func.count())
-        .select_from(AuditEntry)
-        .join(FlowRun, col(FlowRun.id) == col(AuditEntry.run_id))
-        .where(FlowRun.event_source == source)
-        .group_by(col(AuditEntry.run_id), col(AuditEntry.step_id))
-    )
-    by_row = (
-        select(func.count())
-        .where(AuditEntry.batch_id == batch_id)
-        .group_by(col(AuditEntry.batch_row))
-    )
-    with session_scope(harness.database_url) as session:
-        counts = [*session.exec(by_step).all(), *session.exec(by_row).all()]
-    return sum(count - 1 for count in counts)
 
 
 def _row_outcomes(harness: Harness, batch_id: str) -> dict[int, tuple[bool, str | None]]:
