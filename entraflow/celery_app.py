@@ -27,6 +27,14 @@ PUBLISH_PATIENCE_S = 30.0
 # kombu waits this much longer after each refused publish, up to the maximum.
 PUBLISH_RETRY_STEP_S = 0.2
 PUBLISH_RETRY_MAX_INTERVAL_S = 1.0
+# A task still running at this share of the visibility timeout is stopped: Celery raises
+# SoftTimeLimitExceeded in it, and a step records it as failed. Redis would hand its message to
+# another worker at the visibility timeout anyway. The longest legitimate delivery, a step
+# spending its whole Graph retry time (180 s) in process, ends well before it.
+SOFT_TIME_LIMIT_SHARE_OF_VISIBILITY = 0.8
+# A task that does not stop at the soft limit (stuck in C code) is killed at this share, still
+# within the visibility timeout: its message is put back (task_reject_on_worker_lost).
+HARD_TIME_LIMIT_SHARE_OF_VISIBILITY = 0.9
 
 
 class EntraflowTask(Task):
@@ -76,10 +84,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": task_soft_time_limit_s(settings),
+        "task_time_limit": settings.visibility_timeout_s * HARD_TIME_LIMIT_SHARE_OF_VISIBILITY,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "enable_utc": True,
     }
+
+
+def task_soft_time_limit_s(settings: Settings) -> float:
+    """How long a task may run before Celery stops it with SoftTimeLimitExceeded."""
+    return settings.visibility_timeout_s * SOFT_TIME_LIMIT_SHARE_OF_VISIBILITY
 
 
 def max_retry_countdown_s(settings: Settings) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import OperationalError
@@ -191,6 +192,13 @@ def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
             countdown_s = _retry_countdown_s(settings, exc)
             log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
             raise self.retry(countdown=countdown_s, exc=exc, argsrepr=retry_argsrepr(self)) from exc
+        except SoftTimeLimitExceeded as exc:
+            # Stopped by the task time limit with nothing recorded: run the chunk again. Each
+            # run counts an attempt, so a chunk that always overruns ends its rows failed.
+            log.warning("batch %s chunk %d stopped by the task time limit", batch_id, chunk)
+            raise self.retry(
+                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
+            ) from exc
         except (OperationalError, redis.RedisError) as exc:
             # Nothing was recorded for the rows not stored: the next delivery applies them again.
             log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)

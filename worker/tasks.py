@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as RedisRetry
@@ -21,7 +21,12 @@ from sqlalchemy.exc import OperationalError
 
 from entraflow import logs, metrics
 from entraflow.catalogue import ACTIONS
-from entraflow.celery_app import EntraflowTask, app, max_retry_countdown_s
+from entraflow.celery_app import (
+    EntraflowTask,
+    app,
+    max_retry_countdown_s,
+    task_soft_time_limit_s,
+)
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from models.db import forget_engines, session_scope
@@ -111,6 +116,13 @@ class StepTask(EntraflowTask):
             raise self.retry(
                 countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
             ) from exc
+        except SoftTimeLimitExceeded as exc:
+            # Celery stopped the step: record it failed, with the limit, so that its run ends
+            # instead of the step being delivered again until its delivery cap.
+            limit_s = task_soft_time_limit_s(get_settings())
+            message = f"stopped by the task time limit of {limit_s:g} s"
+            fail_step(get_settings(), run_id, step_id, message)
+            raise StepFailed(run_id, step_id, {"outcome": "failed", "message": message}) from exc
         return {"run_id": run_id, "step_id": step_id, "status": status}
 
     def on_failure(
