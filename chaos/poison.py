@@ -34,16 +34,43 @@ from chaos.harness import (
 from entraflow import keys
 from models.history import FINAL_RUN_STATUSES
 from sandbox.directory import DEMO_GROUPS, bulk_user_id
-from scheduler.producer import EVENT_FIELD, MAX_EVENT_BYTES, SPECVERSION
+from scheduler.producer import (
+    EVENT_FIELD,
+    MAX_EVENT_BYTES,
+    MAX_ID_BYTES,
+    MAX_INTEGER_DIGITS,
+    MAX_NESTING_DEPTH,
+    MAX_SOURCE_BYTES,
+    MAX_TYPE_BYTES,
+    SPECVERSION,
+)
 
 SOURCE = "chaos/poison"
 GROUP = DEMO_GROUPS["support"].id
 # Share of the scenario's events that are good.
 GOOD_SHARE = 0.3
 REQUIRED_ATTRIBUTES = ("id", "source", "type")
+ATTRIBUTE_BYTES = {"id": MAX_ID_BYTES, "source": MAX_SOURCE_BYTES, "type": MAX_TYPE_BYTES}
+# Where a character no database stores alike is put: an attribute, a data value, a data key.
+TEXT_PLACES = st.sampled_from([*REQUIRED_ATTRIBUTES, "data value", "data key"])
+# Keys a good event has, at the top and in its data, to be given twice.
+EVENT_KEYS = ("specversion", "id", "source", "type", "data")
+DATA_KEYS = ("user_id", "group_id", "weight", "divisor")
+# The attack's depth, just short of the JSON parser's own recursion limit.
+ATTACK_DEPTH = 990
 # Text a database stores as given: no NUL (PostgreSQL refuses it in JSON) and no lone surrogate.
 STORABLE_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
-JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+# Numbers within the scheduler's bounds, so a kind below fails only the way it is meant to.
+STORABLE_INTEGERS = st.integers(
+    min_value=1 - 10**MAX_INTEGER_DIGITS, max_value=10**MAX_INTEGER_DIGITS - 1
+)
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | STORABLE_INTEGERS
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
@@ -87,6 +114,41 @@ def _with(name: str, value: Any, event: dict[str, Any]) -> Entry:
 
 def _with_data(name: str, value: Any, event: dict[str, Any]) -> Entry:
     return _json_entry({**event, "data": {**event["data"], name: value}})
+
+
+def _with_raw_data(name: str, literal: str, event: dict[str, Any]) -> Entry:
+    """`event` with data `name` set to `literal`, JSON text `json.dumps` will not write."""
+    marker = "\x01marker\x01"
+    return _entry(
+        json.dumps(_with_data_dict(name, marker, event)).replace(json.dumps(marker), literal)
+    )
+
+
+def _with_data_dict(name: str, value: Any, event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "data": {**event["data"], name: value}}
+
+
+def _with_text(place: str, text: str, event: dict[str, Any]) -> Entry:
+    """`event` with `text` as an attribute, a data value or a data key."""
+    if place == "data value":
+        return _with_data("note", text, event)
+    if place == "data key":
+        return _with_data(text, 1, event)
+    return _with(place, text, event)
+
+
+def _key_twice(name: str, event: dict[str, Any]) -> Entry:
+    """`event` as JSON with `name`, a key of it or of its data, given twice (the same value)."""
+    text = json.dumps(event)
+    if name in event:
+        return _entry("{" + f"{json.dumps(name)}: {json.dumps(event[name])}, " + text[1:])
+    data = json.dumps(event["data"])
+    twice = "{" + f"{json.dumps(name)}: {json.dumps(event['data'][name])}, " + data[1:]
+    return _entry(text.replace(data, twice))
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
 
 
 def _is_json(text: str) -> bool:
@@ -147,9 +209,51 @@ KINDS: dict[str, Kind] = {
         f"no {EVENT_FIELD!r} field",
     ),
     "trigger.if fails": Kind(
-        st.just(0) | st.text(max_size=5) | st.none() | st.lists(st.integers(), max_size=2),
+        st.just(0) | STORABLE_TEXT | st.none() | st.lists(STORABLE_INTEGERS, max_size=2),
         lambda divisor, event: _with_data("divisor", divisor, event),
         "trigger.if",
+    ),
+    # Issue 13: what stopped or stalled a scheduler, or was judged apart by SQLite and PostgreSQL.
+    # The data the gated flow's trigger.if reads (`weight`) holds the number or the nesting.
+    "huge integer": Kind(
+        st.integers(min_value=MAX_INTEGER_DIGITS + 1, max_value=6000),
+        lambda digits, event: _with_raw_data("weight", "9" * digits, event),
+        "an integer of",
+    ),
+    "deep nesting": Kind(
+        st.integers(min_value=MAX_NESTING_DEPTH - 1, max_value=ATTACK_DEPTH),
+        lambda depth, event: _with_raw_data("weight", _nested(depth), event),
+        "nested too deeply",
+    ),
+    "oversized attribute": Kind(
+        st.tuples(st.sampled_from(REQUIRED_ATTRIBUTES), st.integers(1, 20_000)),
+        lambda drawn, event: _with(drawn[0], "x" * (ATTRIBUTE_BYTES[drawn[0]] + drawn[1]), event),
+        "bytes in UTF-8; the limit is",
+    ),
+    "NaN or Infinity": Kind(
+        st.sampled_from(["NaN", "Infinity", "-Infinity"]),
+        lambda literal, event: _with_raw_data("weight", literal, event),
+        "which JSON does not allow",
+    ),
+    "number beyond a double": Kind(
+        st.integers(min_value=309, max_value=99_999),
+        lambda exponent, event: _with_raw_data("weight", f"1e{exponent}", event),
+        "out of range of a double",
+    ),
+    "duplicate key": Kind(
+        st.sampled_from([*EVENT_KEYS, *DATA_KEYS]),
+        _key_twice,
+        "twice in one object",
+    ),
+    "NUL": Kind(
+        st.tuples(TEXT_PLACES, STORABLE_TEXT),
+        lambda drawn, event: _with_text(drawn[0], drawn[1] + "\x00", event),
+        "U+0000",
+    ),
+    "lone surrogate": Kind(
+        st.tuples(TEXT_PLACES, st.integers(min_value=0xD800, max_value=0xDFFF)),
+        lambda drawn, event: _with_text(drawn[0], "x" + chr(drawn[1]), event),
+        "lone surrogate",
     ),
     # Rare, so the full form's stream stays small.
     "oversized": Kind(
@@ -162,7 +266,7 @@ KINDS: dict[str, Kind] = {
 # Extra data a good event may carry besides what its flow reads.
 GOOD_EXTRAS = st.dictionaries(
     STORABLE_TEXT.filter(lambda key: key not in ("user_id", "group_id", "weight", "divisor")),
-    STORABLE_TEXT | st.integers() | st.booleans(),
+    STORABLE_TEXT | STORABLE_INTEGERS | st.booleans(),
     max_size=3,
 )
 

@@ -8,13 +8,16 @@ anywhere before the acknowledgement leaves the entry pending; another scheduler 
 it has been idle for `events_claim_idle_s` and finds the work done or does it.
 
 An event that cannot be used goes to `entraflow:events:dead` with a reason, acknowledged in the
-same transaction. A database or Redis failure acknowledges nothing: the scheduler backs off and
-reads the entry again.
+same transaction. A failure known to pass (a database, Redis or the broker unreachable, busy or
+timing out) acknowledges nothing: the scheduler backs off and reads the entry again. Any other
+failure while handling an event, a value the database refuses or a bug, makes that event a dead
+letter too: no event, whatever it holds, can stop or stall a scheduler (issue 13).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -24,10 +27,18 @@ from enum import StrEnum
 from typing import Any
 
 import redis
-from celery.exceptions import CeleryError
-from kombu.exceptions import KombuError
+from kombu.exceptions import LimitExceeded as BrokerLimitExceeded
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, select
 
 from entraflow import keys, logs, metrics
@@ -64,14 +75,59 @@ HOUSEKEEPING_INTERVAL_S = 30.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 4.0
 
-# Failures of the services the scheduler depends on, as opposed to faults of the event.
+# The longest dead letter reason, in bytes of UTF-8: a reason names a fault, it does not carry
+# the event (which the letter holds anyway).
+MAX_REASON_BYTES = 4096
+
+# What is known to pass, and so leaves an entry pending: the services the scheduler depends on
+# unreachable, busy or timing out. Everything else dead-letters the event, since a failure
+# retried forever holds up every later event (issue 13: a 20 KB id failing PostgreSQL's index
+# was retried forever as an `OperationalError`, which is also what a lost connection raises).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    SQLAlchemyError,
-    redis.RedisError,
-    KombuError,
-    CeleryError,
-    OSError,
+    redis.ConnectionError,  # refused, reset, loading its data, wrong password, no connection free
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica, during a failover
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.OutOfMemoryError,
+    BrokerUnavailable,  # publishing a chain once kombu's own retries are spent
+    BrokerLimitExceeded,
+    PoolTimeout,  # no pooled database connection free in time
+    DisconnectionError,
+    ConnectionError,  # the builtins, from a socket no library wrapped
+    TimeoutError,
 )
+# Redis error replies, by their first word, that a later try can get past: the group deleted
+# (created again), a server loading its data or refusing writes after a failed save, busy
+# running a script, out of memory, or a cluster failing over.
+TRANSIENT_REDIS_REPLIES = frozenset(
+    {"NOGROUP", "LOADING", "MISCONF", "BUSY", "OOM", "MASTERDOWN", "READONLY", "TRYAGAIN"}
+)
+# SQLSTATE classes that a later try can get past: 08 connection exception, 40 transaction
+# rollback (serialization failure, deadlock), 53 insufficient resources, 57 operator
+# intervention (statement timeout, shutdown), 58 system error; and 42, a table, column or grant
+# missing: the deployment's fault, mended by `entraflow db upgrade` or a grant, which no event can
+# cause (values are bound, never written into SQL), so the events wait for the mend instead of
+# all becoming dead letters. Every other class, 22 data exception, 23 integrity, 54 program limit
+# (an index row too large) among them, is the event's.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "42", "53", "57", "58"})
+# Single SQLSTATEs of other classes that pass: 55P03 lock_not_available (a lock timeout).
+TRANSIENT_SQLSTATES = frozenset({"55P03"})
+# SQLite's primary result codes that pass: BUSY and LOCKED ("database is locked"), NOMEM, IOERR,
+# FULL, CANTOPEN and PROTOCOL. TOOBIG, CONSTRAINT, MISMATCH and the rest are the event's.
+TRANSIENT_SQLITE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+# Extended SQLite result codes carry the primary one in their low byte.
+_SQLITE_PRIMARY_MASK = 0xFF
 
 
 class Outcome(StrEnum):
@@ -191,8 +247,13 @@ class Scheduler:
             with logs.bound(stream_id=stream_id):
                 try:
                     result = self.handle_entry(stream_id, fields)
-                except TRANSIENT_ERRORS as exc:
-                    log.warning("event %s left pending: %s", stream_id, exc)
+                except Exception as exc:
+                    # The event's own faults are dead letters by now: what is left is a service
+                    # failing, or Redis refusing the acknowledgement or the dead letter itself.
+                    if is_transient(exc):
+                        log.warning("event %s left pending: %s", stream_id, exc)
+                    else:
+                        log.exception("event %s left pending", stream_id)
                     self._read_own_pending = True
                     handled.append(Handled(stream_id, Outcome.PENDING, reason=str(exc)))
                     metrics.EVENTS.labels(Outcome.PENDING).inc()
@@ -215,10 +276,18 @@ class Scheduler:
             logs.bind(event_id=str(event["id"]))
             outcome, run_ids = self._accept(stream_id, event)
         except UnusableEvent as exc:
-            self._dead_letter(stream_id, raw or b"", str(exc))
-            return Handled(stream_id, Outcome.DEAD, reason=str(exc))
-        self._ack(stream_id)
-        return Handled(stream_id, outcome, tuple(run_ids))
+            reason = str(exc)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            reason = _failure_reason(exc)
+        else:
+            self._ack(stream_id)
+            return Handled(stream_id, outcome, tuple(run_ids))
+        reason = _bounded(reason)
+        # Should this write fail, Redis is failing: the entry stays pending and is read again.
+        self._dead_letter(stream_id, raw or b"", reason)
+        return Handled(stream_id, Outcome.DEAD, reason=reason)
 
     def _accept(self, stream_id: str, event: dict[str, Any]) -> tuple[Outcome, list[str]]:
         url = self.settings.resolved_database_url
@@ -241,10 +310,6 @@ class Scheduler:
                     run_ids = list(accepted.run_ids)
                     # The first delivery may have died between its commit and its queuing.
                     outcome, to_queue = Outcome.DUPLICATE, unqueued_runs(session, run_ids)
-        except DataError as exc:
-            # The database refuses a value of the event (PostgreSQL and "\u0000" in JSON text):
-            # every retry would fail the same way and hold up the entries behind it.
-            raise UnusableEvent(f"the database refused the event: {exc.orig}") from exc
         except IntegrityError:
             # Another scheduler accepted the same source and id first: this one is a duplicate.
             with session_scope(url) as session:
@@ -353,7 +418,7 @@ class Scheduler:
                 log.info("pruned history older than %d days: %s", retention_days, pruned)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
-        """Handle events until `stop` is set; survive database and Redis failures."""
+        """Handle events until `stop` is set; survive database and Redis failures, and bugs."""
         stop = stop or threading.Event()
         backoff_s = BACKOFF_FIRST_S
         next_claim = next_housekeeping = time.monotonic()
@@ -363,14 +428,19 @@ class Scheduler:
                 handled = []
                 now = time.monotonic()
                 if now >= next_claim:
-                    handled += self.claim_idle(stop=stop)
+                    # Due again in an interval even if it fails: reading must not wait on it.
                     next_claim = now + CLAIM_INTERVAL_S
+                    handled += self.claim_idle(stop=stop)
                 if now >= next_housekeeping:
-                    self.housekeeping()
+                    self._housekeeping_round()
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
                 handled += self.step(block_ms=READ_BLOCK_MS, stop=stop)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("scheduler failure, retrying in %.1f s: %s", backoff_s, exc)
+            except Exception as exc:
+                # Failing again at once would spin: a bug waits out the same backoff.
+                if is_transient(exc):
+                    log.warning("scheduler failure, retrying in %.1f s: %s", backoff_s, exc)
+                else:
+                    log.exception("scheduler failure, retrying in %.1f s", backoff_s)
                 stop.wait(backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
                 continue
@@ -382,6 +452,15 @@ class Scheduler:
         self._release_unhandled()
         log.info("scheduler %s stopped", self.consumer)
 
+    def _housekeeping_round(self) -> None:
+        """Housekeeping; a failure that will not pass is logged and waits for the next round."""
+        try:
+            self.housekeeping()
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("housekeeping failed; next round in %.0f s", HOUSEKEEPING_INTERVAL_S)
+
     def _release_unhandled(self) -> None:
         # Entries read but not reached before the stop: another scheduler may take them at once.
         try:
@@ -391,6 +470,63 @@ class Scheduler:
             self.release(_text(entry["message_id"]) for entry in mine)
         except redis.RedisError as exc:
             log.warning("could not release pending events: %s", exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a failure of a service that a later try can get past."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).split(" ", 1)[0] in TRANSIENT_REDIS_REPLIES
+    if isinstance(exc, DBAPIError):
+        return _database_failure_passes(exc)
+    return False
+
+
+def _database_failure_passes(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:  # SQLAlchemy saw the connection lost
+        return True
+    sqlstate = _sqlstate(exc.orig)
+    if sqlstate is not None:
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
+    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
+    if isinstance(sqlite_code, int):
+        return sqlite_code & _SQLITE_PRIMARY_MASK in TRANSIENT_SQLITE_CODES
+    # No code at all: the driver failed before any server answered (refused, reset, closed).
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def _sqlstate(orig: BaseException | None) -> str | None:
+    # psycopg 3 names it `sqlstate`, psycopg2 `pgcode`; None for errors raised by the driver.
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) and code else None
+
+
+def _failure_reason(exc: Exception) -> str:
+    """The dead letter's reason for a failure that is neither transient nor an `UnusableEvent`."""
+    if isinstance(exc, DBAPIError):
+        # The database refused a value of the event: every retry would fail the same way.
+        orig = exc.orig
+        lines = str(orig).strip().splitlines()
+        message = lines[0] if lines else type(orig).__name__
+        sqlstate = _sqlstate(orig)
+        sqlite_name = getattr(orig, "sqlite_errorname", None)
+        if sqlstate is not None:
+            message += f" ({type(orig).__name__}, SQLSTATE {sqlstate})"
+        elif isinstance(sqlite_name, str):
+            message += f" ({sqlite_name})"
+        return f"the database refused the event: {message}"
+    log.exception("internal error while handling an event")
+    # SQLAlchemy wraps what a value raised while it was bound: name the cause.
+    cause = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    text = str(cause)
+    return f"internal error: {type(cause).__name__}" + (f": {text}" if text else "")
+
+
+def _bounded(reason: str) -> str:
+    """`reason` cut to `MAX_REASON_BYTES` of UTF-8, with what cannot be UTF-8 escaped."""
+    encoded = reason.encode("utf-8", "backslashreplace")[:MAX_REASON_BYTES]
+    return encoded.decode("utf-8", "ignore")  # a character cut in two is dropped
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
