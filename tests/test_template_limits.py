@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from entraflow.celery_app import celery_config
 from entraflow.cli.main import cli
 from entraflow.settings import Settings
+from entraflow.template_limits import MAX_OUTPUT_CHARS
 from entraflow.templating import (
-    MAX_OUTPUT_CHARS,
     TemplateProblem,
     condition_reads,
     evaluate_condition,
