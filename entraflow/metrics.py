@@ -43,6 +43,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from entraflow import keys
+from entraflow.home import private_folder
 from entraflow.logs import current
 from models.db import get_engine
 
@@ -99,7 +100,7 @@ def enable_multiprocess(directory: Path) -> None:
     The directory is emptied first: files of a previous run's processes would be summed in.
     """
     shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    private_folder(directory)
     os.environ[MULTIPROC_ENV] = str(directory)
     # prometheus_client picks its value class at import, which the CLI's imports came before.
     values.ValueClass = values.get_value_class()

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_AUTHORITY_URL = "https://login.microsoftonline.com"
 DEFAULT_HOME = Path(".entraflow")
+# Plain http carries bearer tokens and client secrets in clear, so it may only ever reach this
+# machine (the sandbox); these names are loopback besides 127.0.0.0/8 and ::1.
+LOOPBACK_NAMES = frozenset({"localhost"})
+# Host names besides loopback that Graph and the identity platform may be reached at over plain
+# http: none. The compose `sandbox` profile names its sandbox container here, on compose's
+# private network; a real Graph or login host must never be named.
+DEFAULT_PLAIN_HTTP_HOSTS = ""
 
 # Graph's write budget per app and tenant: 3,000 requests per 150 s (GRAPH.md, "Throttling").
 DEFAULT_WRITES_PER_WINDOW = 3000
@@ -43,14 +52,18 @@ DEFAULT_EVENTS_MAX_LEN = 100_000
 DEFAULT_DEAD_EVENTS_MAX_LEN = 100_000
 # An event a scheduler has read but not acknowledged for this long is taken over by another.
 DEFAULT_EVENTS_CLAIM_IDLE_S = 60.0
+# The embedded Redis shuts itself down once no process has used it for this long (0: never), so
+# a one-shot command such as `entraflow action` leaves no server running for good.
+DEFAULT_EMBEDDED_REDIS_IDLE_S = 600.0
 
 
 # Where a worker and a scheduler serve /metrics and /healthz; 0 serves nothing (the default:
 # two workers on one host would fight over a fixed port).
 DEFAULT_WORKER_METRICS_PORT = 0
 DEFAULT_SCHEDULER_METRICS_PORT = 0
-# The address those endpoints listen on: every interface, for Prometheus in another container.
-DEFAULT_METRICS_HOST = "0.0.0.0"
+# The address those endpoints listen on: this machine only, since they tell anyone who asks
+# about the queues and the Graph budget; a container that Prometheus scrapes sets 0.0.0.0.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 class LogFormat(StrEnum):
@@ -76,6 +89,9 @@ DEFAULT_DB_STATEMENT_TIMEOUT_S = 60.0
 # Accepted events are what recognises a redelivered event as a duplicate: pruning keeps them
 # at least this many days, far beyond any producer's or Redis's redelivery.
 DEFAULT_ACCEPTED_EVENTS_MIN_KEEP_DAYS = 30
+# The most rows one batch file may hold: a file is read and stored in one transaction, and its
+# size must not be what decides whether the submit, or the database, copes.
+DEFAULT_BATCH_MAX_ROWS = 1_000_000
 
 
 class PatchWriteCost(StrEnum):
@@ -97,9 +113,12 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = None
+    embedded_redis_idle_s: float = DEFAULT_EMBEDDED_REDIS_IDLE_S
     database_url: str | None = None
     home: Path = DEFAULT_HOME
 
+    # Comma-separated; read before the two URLs below, whose check depends on it.
+    plain_http_hosts: str = DEFAULT_PLAIN_HTTP_HOSTS
     graph_url: str = DEFAULT_GRAPH_URL
     authority_url: str = DEFAULT_AUTHORITY_URL
     tenant_id: str | None = None
@@ -136,11 +155,18 @@ class Settings(BaseSettings):
     # Housekeeping prunes runs that ended more than this many days ago; None keeps them forever.
     runs_retention_days: int | None = None
     accepted_events_min_keep_days: int = DEFAULT_ACCEPTED_EVENTS_MIN_KEEP_DAYS
+    batch_max_rows: int = DEFAULT_BATCH_MAX_ROWS
 
     worker_metrics_port: int = DEFAULT_WORKER_METRICS_PORT
     scheduler_metrics_port: int = DEFAULT_SCHEDULER_METRICS_PORT
     metrics_host: str = DEFAULT_METRICS_HOST
     log_format: LogFormat = LogFormat.AUTO
+
+    @field_validator("graph_url", "authority_url")
+    @classmethod
+    def _refuse_clear_text_off_loopback(cls, url: str, info: ValidationInfo) -> str:
+        allowed = plain_http_host_names(info.data.get("plain_http_hosts", ""))
+        return check_transport(url, f"ENTRAFLOW_{(info.field_name or '').upper()}", allowed)
 
     @property
     def resolved_database_url(self) -> str:
@@ -148,6 +174,58 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'entraflow.db').resolve()}"
+
+
+class InsecureURLError(ValueError):
+    """Raised when a Graph or identity URL would carry tokens or secrets in clear."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` is this machine: 127.0.0.0/8, ::1 or `localhost`."""
+    name = host.lower().removesuffix(".")
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_host_names(value: str) -> frozenset[str]:
+    """The host names of an `ENTRAFLOW_PLAIN_HTTP_HOSTS` value, lower-cased."""
+    return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
+
+
+def check_transport(url: str, name: str, plain_http_hosts: frozenset[str] | None = None) -> str:
+    """`url` if a token may be sent there (https, or plain http to loopback); else raise.
+
+    `plain_http_hosts` defaults to the process's `ENTRAFLOW_PLAIN_HTTP_HOSTS`.
+    """
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in {"http", "https"} or not host:
+        raise InsecureURLError(f"{name} must be an https:// URL (http:// only on loopback)")
+    if plain_http_hosts is None:
+        plain_http_hosts = plain_http_host_names(get_settings().plain_http_hosts)
+    if scheme == "http" and not is_loopback_host(host) and host not in plain_http_hosts:
+        # The origin only: a URL's user:password must not reach a message.
+        origin = f"{scheme}://{parts.netloc.rpartition('@')[2]}"
+        raise InsecureURLError(
+            f"{name} {origin} is plain http to another machine: tokens and secrets would "
+            "cross the network in clear. Use https; plain http only on loopback "
+            "(127.0.0.1, ::1, localhost), for the sandbox"
+        )
+    return url
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """One line per invalid setting, naming its variable and never echoing its value."""
+    lines = []
+    for error in exc.errors():
+        variable = "ENTRAFLOW_" + "_".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(message if message.startswith(variable) else f"{variable}: {message}")
+    return "\n".join(lines)
 
 
 @lru_cache(maxsize=1)

@@ -18,11 +18,14 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
+from entraflow.home import private_database
 from entraflow.settings import get_settings
 from models import migrations
 
 # How long a SQLite writer waits for another process's write lock before failing.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# The path SQLite reads as "no file, a database in memory".
+SQLITE_MEMORY = ":memory:"
 
 
 def utcnow() -> datetime:
@@ -68,7 +71,10 @@ def get_engine(database_url: str) -> Engine:
 def create_database_engine(database_url: str, *, for_migrations: bool = False) -> Engine:
     """A new engine for the URL; `for_migrations`: unpooled, and no statement time limit."""
     if database_url.startswith("sqlite:///"):
-        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = database_url.removeprefix("sqlite:///")
+        if path and path != SQLITE_MEMORY:
+            # Before SQLite opens it: its WAL and shared-memory files take the file's mode.
+            private_database(Path(path), get_settings().home)
         pool: dict[str, Any] = {"poolclass": NullPool} if for_migrations else {}
         engine = create_engine(
             database_url,

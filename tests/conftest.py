@@ -40,7 +40,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if configured:
         yield configured
         return
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    # Never stopped for idleness: a stretch of tests without Redis must not lose it for the rest.
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), idle_stop_s=0)
     url, _ = server.ensure_running()
     yield url
     server.stop()

@@ -241,19 +241,6 @@ def test_an_unreachable_token_endpoint_is_a_connection_error(failure: Exception)
     assert raised.value.__cause__ is failure
 
 
-def test_a_plain_http_authority_explains_the_insecure_transport_switch(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT", raising=False)
-    transport = FakeTransport([token_reply()])
-
-    with pytest.raises(AuthenticationError, match="OAUTHLIB_INSECURE_TRANSPORT=1") as raised:
-        provider(transport, authority="http://127.0.0.1:8080").token()
-
-    assert "local test server" in str(raised.value)
-    assert transport.requests == []
-
-
 def test_a_plain_http_authority_works_once_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
     transport = FakeTransport([token_reply()])

@@ -130,6 +130,9 @@ def test_the_demo_runs_example_events_through_scheduler_and_worker_and_exits_zer
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # The embedded Redis's password stays in its private file, never on the screen.
+    password = (tmp_path / "home" / "redis" / "password").read_text().strip()
+    assert password not in result.stdout + result.stderr
     round_trip = result.stdout.split("demo.membership.checked")[1]
     for step_id, action in (
         ("user", "lookup_user"),

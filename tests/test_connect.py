@@ -8,6 +8,7 @@ import re
 import threading
 import webbrowser
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +16,7 @@ import requests
 from click.testing import CliRunner
 from sqlalchemy import text
 
+from entraflow.cli import connect as connect_cli
 from entraflow.cli.connect import SignInOptions, sign_in
 from entraflow.cli.main import cli
 from entraflow.secrets import SecretBox
@@ -235,6 +237,84 @@ def test_an_app_connection_stores_its_secret_encrypted(
     assert user.data["userPrincipalName"] == DEMO_USERS["adele"].upn
     assert SANDBOX_CLIENT_SECRET not in raw_connection_table(entra)
     assert SANDBOX_CLIENT_SECRET not in result.output
+
+
+def forget_configured_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENTRAFLOW_CLIENT_SECRET")
+    get_settings.cache_clear()
+
+
+def test_a_client_secret_on_the_command_line_is_refused(
+    entra: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_configured_secret(monkeypatch)
+
+    result = CliRunner().invoke(cli, ["connect", "--app", "--client-secret", SANDBOX_CLIENT_SECRET])
+
+    assert result.exit_code != 0
+    for way in ("ps", "ENTRAFLOW_CLIENT_SECRET", "--client-secret-file", "prompt"):
+        assert way in result.output, way
+    assert SANDBOX_CLIENT_SECRET not in result.output
+    assert load_connection(entra.resolved_database_url) is None
+
+
+def test_an_app_connection_reads_its_secret_from_a_private_file(
+    entra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_configured_secret(monkeypatch)
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(SANDBOX_CLIENT_SECRET + "\n")
+    secret_file.chmod(0o600)
+
+    result = CliRunner().invoke(cli, ["connect", "--app", "--client-secret-file", str(secret_file)])
+
+    assert result.exit_code == 0, result.output
+    assert "Connected (app)" in result.output
+    assert SANDBOX_CLIENT_SECRET not in result.output
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_a_secret_file_others_can_read_is_refused(
+    entra: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    forget_configured_secret(monkeypatch)
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(SANDBOX_CLIENT_SECRET)
+    secret_file.chmod(mode)
+
+    result = CliRunner().invoke(cli, ["connect", "--app", "--client-secret-file", str(secret_file)])
+
+    assert result.exit_code != 0
+    assert f"chmod 600 {secret_file}" in result.output
+    assert SANDBOX_CLIENT_SECRET not in result.output
+    assert load_connection(entra.resolved_database_url) is None
+
+
+def test_the_secret_is_prompted_for_without_echo_at_a_terminal(
+    entra: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_configured_secret(monkeypatch)
+    monkeypatch.setattr(connect_cli, "stdin_is_terminal", lambda: True)
+
+    result = CliRunner().invoke(cli, ["connect", "--app"], input=SANDBOX_CLIENT_SECRET + "\n")
+
+    assert result.exit_code == 0, result.output
+    assert "Client secret" in result.output
+    assert SANDBOX_CLIENT_SECRET not in result.output
+
+
+def test_an_app_connection_without_a_secret_says_where_to_put_it(
+    entra: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_configured_secret(monkeypatch)
+    monkeypatch.setattr(connect_cli, "stdin_is_terminal", lambda: False)
+
+    result = CliRunner().invoke(cli, ["connect", "--app"])
+
+    assert result.exit_code != 0
+    assert "ENTRAFLOW_CLIENT_SECRET" in result.output
+    assert "--client-secret-file" in result.output
+    assert load_connection(entra.resolved_database_url) is None
 
 
 def test_nothing_is_stored_without_a_secret_key(

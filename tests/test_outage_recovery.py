@@ -73,7 +73,8 @@ def test_every_task_puts_back_a_message_whose_retry_the_broker_refuses() -> None
 def test_a_task_sent_while_redis_restarts_is_queued_once_it_is_back(
     tmp_path: Path, private_redis: EmbeddedRedis, restart: threading.Timer
 ) -> None:
-    url = f"redis://127.0.0.1:{private_redis.port_file.read_text()}/0"
+    url = private_redis.recorded_url
+    assert url is not None
     app = Celery("outage-test", set_as_current=False)
     app.conf.update(celery_config(Settings(home=tmp_path, redis_url=url)))
 

@@ -322,6 +322,17 @@ def test_tasks_have_time_limits_within_the_visibility_timeout_above_a_steps_grap
     assert soft_s > longest_step_s
 
 
+def test_a_short_visibility_timeout_never_limits_a_task_below_its_longest_graph_time() -> None:
+    # A batch chunk waiting a few seconds for the Graph budget, on a 5 s visibility timeout,
+    # once ran into a 4 s limit until its deliveries ran out.
+    settings = Settings(visibility_timeout_s=5)
+    config = celery_config(settings)
+    longest_step_s = (
+        settings.max_graph_retry_time_s + settings.http_timeout_s + settings.max_inprocess_wait_s
+    )
+    assert longest_step_s < config["task_soft_time_limit"] < config["task_time_limit"]
+
+
 def test_a_step_stopped_by_the_soft_time_limit_is_recorded_failed_naming_the_limit(
     unit_settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -17,7 +18,14 @@ from oauthlib.oauth2 import BackendApplicationClient, InsecureTransportError, OA
 from pydantic import SecretStr
 from requests_oauthlib import OAuth2Session
 
-from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, DEFAULT_TOKEN_REFRESH_MARGIN_S, Settings
+from entraflow.settings import (
+    DEFAULT_HTTP_TIMEOUT_S,
+    DEFAULT_TOKEN_REFRESH_MARGIN_S,
+    InsecureURLError,
+    Settings,
+    check_transport,
+    is_loopback_host,
+)
 from worker.errors import (
     FIRST_SERVER_ERROR_STATUS,
     RETRY_AFTER_HEADER,
@@ -28,7 +36,9 @@ from worker.errors import (
 )
 from worker.retry import parse_retry_after
 
-# The public cloud's Graph; other https Graph hosts (national clouds) use their own origin.
+# The public cloud's Graph, and the sandbox's, which stands in for it on loopback. Every other
+# Graph host (the national clouds: graph.microsoft.us, dod-graph.microsoft.us,
+# microsoftgraph.chinacloudapi.cn) is its own resource, with its own `.default` scope.
 PUBLIC_GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 DEFAULT_SCOPE_SUFFIX = "/.default"
 # Entra's usual `expires_in`, assumed when an answer carries none.
@@ -55,6 +65,10 @@ HINTS_BY_OAUTH_ERROR = {
 DEFAULT_HINT = "check ENTRAFLOW_TENANT_ID, ENTRAFLOW_CLIENT_ID and ENTRAFLOW_CLIENT_SECRET"
 # requests-oauthlib logs the token request body (our secret) and the token at DEBUG here.
 OAUTH_SESSION_LOGGER = "requests_oauthlib.oauth2_session"
+# oauthlib's only switch for plain http: a process-wide variable. `admit_token_url` sets it, and
+# only for a loopback URL; every URL we hand oauthlib passes `admit_token_url` first, so the
+# switch lets nothing else through, whatever the user set it to.
+INSECURE_TRANSPORT_VARIABLE = "OAUTHLIB_INSECURE_TRANSPORT"
 
 # The least-privileged delegated Graph permission of each action (GRAPH.md).
 LEAST_PRIVILEGE_BY_ACTION = {
@@ -110,12 +124,33 @@ def new_oauth2_session(client: BackendApplicationClient) -> OAuth2Session:
     return OAuth2Session(client=client)
 
 
+def admit_token_url(url: str) -> None:
+    """Refuse `url` unless a secret may go there; let oauthlib use it if it is loopback http."""
+    try:
+        check_transport(url, "the identity endpoint")
+    except InsecureURLError as exc:
+        raise AuthenticationError(str(exc)) from exc
+    if (
+        urlsplit(url).scheme.lower() == "http"
+        and os.environ.get(INSECURE_TRANSPORT_VARIABLE) != "1"
+    ):
+        os.environ[INSECURE_TRANSPORT_VARIABLE] = "1"
+
+
 def scope_for_graph(graph_url: str) -> str:
-    """The `.default` scope of the Graph at `graph_url` (the public one for a local http server)."""
-    parts = urlsplit(graph_url)
-    if parts.scheme.lower() != "https" or not parts.netloc:
+    """The `.default` scope of the Graph at `graph_url`: its cloud's, or the public one (sandbox).
+
+    A host we do not know gets its own scope too: Entra then refuses it (`invalid_scope`) or
+    issues a token for that resource alone, never one that opens the public Graph.
+    """
+    parts = urlsplit(check_transport(graph_url, "the Graph URL"))
+    host = (parts.hostname or "").removesuffix(".")
+    # Plain http reaches only the sandbox (loopback, or a host ENTRAFLOW_PLAIN_HTTP_HOSTS names).
+    if is_loopback_host(host) or parts.scheme.lower() == "http":
         return PUBLIC_GRAPH_SCOPE
-    return f"https://{parts.netloc}{DEFAULT_SCOPE_SUFFIX}"
+    # An address literal keeps its brackets; a port or user:password never belongs to a scope.
+    resource_host = f"[{host}]" if ":" in host else host
+    return f"https://{resource_host}{DEFAULT_SCOPE_SUFFIX}"
 
 
 def graph_resource(graph_url: str) -> str:
@@ -193,6 +228,8 @@ class ClientCredentialsTokenProvider:
     ) -> None:
         tenant_segment = quote(tenant_id, safe="")
         self.token_url = f"{authority_url.rstrip('/')}/{tenant_segment}/oauth2/v2.0/token"
+        # Checked now, so a provider that could leak its secret is never built.
+        admit_token_url(self.token_url)
         self.scope = scope
         self._client_secret = client_secret
         self._refresh_margin_s = refresh_margin_s
@@ -248,6 +285,7 @@ class ClientCredentialsTokenProvider:
 
     def _fetch(self) -> tuple[str, float]:
         requested_at = self._clock()
+        admit_token_url(self.token_url)
         try:
             answer = self._session.fetch_token(
                 self.token_url,
@@ -258,10 +296,7 @@ class ClientCredentialsTokenProvider:
                 timeout=self._timeout_s,
             )
         except InsecureTransportError as exc:
-            raise AuthenticationError(
-                f"the token endpoint {self.token_url} is plain http: oauthlib needs "
-                "OAUTHLIB_INSECURE_TRANSPORT=1 for that, which is only for a local test server"
-            ) from exc
+            raise AuthenticationError(insecure_transport_message(self.token_url)) from exc
         except OAuth2Error as exc:
             raise _refusal(exc) from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -275,6 +310,12 @@ class ClientCredentialsTokenProvider:
         lifetime_s = float(answer.get("expires_in") or ASSUMED_TOKEN_LIFETIME_S)
         margin_s = min(self._refresh_margin_s, lifetime_s * MAX_REFRESH_MARGIN_FRACTION)
         return str(answer["access_token"]), requested_at + lifetime_s - margin_s
+
+
+def insecure_transport_message(url: str) -> str:
+    """Why oauthlib refused `url`, which `admit_token_url` had admitted."""
+    # Only reachable when something unset the variable between the two.
+    return f"oauthlib refused plain http to {url} ({INSECURE_TRANSPORT_VARIABLE} was unset)"
 
 
 def refuse_unavailable(response: requests.Response) -> requests.Response:

@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from entraflow.keys import CONNECTION_REFRESH_LOCK
 from entraflow.redis_server import redis_url
 from entraflow.secrets import SecretBox, SecretKeyError
-from entraflow.settings import Settings
+from entraflow.settings import Settings, check_transport
 from models.connections import (
     Connection,
     ConnectionKind,
@@ -52,8 +52,10 @@ from worker.auth import (
     ClientCredentialsTokenProvider,
     SessionFactory,
     TokenProvider,
+    admit_token_url,
     delegated_scopes,
     hide_token_logs,
+    insecure_transport_message,
     new_oauth2_session,
     refuse_unavailable,
     scope_for_graph,
@@ -115,12 +117,12 @@ def begin_sign_in(
     scopes = delegated_scopes(settings.graph_url)
     session = OAuth2Session(client_id, redirect_uri=redirect_uri, scope=scopes, pkce=PKCE_METHOD)
     extra = {"login_hint": login_hint} if login_hint else {}
+    authorize_url = oauth_url(settings.authority_url, tenant_id, "authorize")
+    admit_token_url(authorize_url)
     try:
-        url, state = session.authorization_url(
-            oauth_url(settings.authority_url, tenant_id, "authorize"), **extra
-        )
+        url, state = session.authorization_url(authorize_url, **extra)
     except InsecureTransportError as exc:
-        raise AuthenticationError(_insecure_message(settings.authority_url)) from exc
+        raise AuthenticationError(insecure_transport_message(authorize_url)) from exc
     # Entra answers with other scopes than asked; with none to compare, oauthlib keeps its
     # answer instead of raising "Scope has changed" (no process-wide OAUTHLIB_RELAX_TOKEN_SCOPE).
     session.scope = None
@@ -154,6 +156,7 @@ def finish_sign_in(
     if not code:
         raise AuthenticationError("the redirect carries no authorization code")
     token_url = oauth_url(settings.authority_url, pending.tenant_id, "token")
+    admit_token_url(token_url)
     pending.session.register_compliance_hook("access_token_response", refuse_unavailable)
     answer = _call_token_endpoint(
         token_url,
@@ -417,6 +420,7 @@ class DelegatedTokenProvider:
             else None
         )
         token_url = oauth_url(self._authority_url, connection.tenant_id, "token")
+        admit_token_url(token_url)
         session = self._session_factory(WebApplicationClient(connection.client_id))
         session.register_compliance_hook("refresh_token_response", refuse_unavailable)
         # Entra wants the client in the form body; a public client has no secret.
@@ -487,7 +491,7 @@ def _call_token_endpoint(
     try:
         return call()
     except InsecureTransportError as exc:
-        raise AuthenticationError(_insecure_message(token_url)) from exc
+        raise AuthenticationError(insecure_transport_message(token_url)) from exc
     except OAuth2Error as exc:
         error_code = exc.error or type(exc).__name__
         aadsts = AADSTS_PATTERN.search(exc.description or "")
@@ -537,8 +541,10 @@ def _signed_in_account(
 ) -> str | None:
     """The UPN of the account that signed in, or None when Graph will not say."""
     try:
+        # A refused URL (ValueError) gets no token: the settings should have refused it already.
+        me_url = check_transport(f"{settings.graph_url.rstrip('/')}{ME_PATH}", "the Graph URL")
         response = (session or requests.Session()).get(
-            f"{settings.graph_url.rstrip('/')}{ME_PATH}?{ME_QUERY}",
+            f"{me_url}?{ME_QUERY}",
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
             timeout=settings.http_timeout_s,
             allow_redirects=False,
@@ -548,10 +554,3 @@ def _signed_in_account(
         # Only a label for `connection show`: the connection works without it.
         return None
     return upn if isinstance(upn, str) else None
-
-
-def _insecure_message(url: str) -> str:
-    return (
-        f"{url} is plain http: oauthlib needs OAUTHLIB_INSECURE_TRANSPORT=1 for that, which is "
-        "only for a local test server"
-    )

@@ -32,13 +32,15 @@ from models.batches import (
 )
 from scheduler.batches import (
     BatchFileError,
-    ParsedBatch,
+    Duplicate,
+    InvalidRowsError,
     Problem,
     is_guid,
     read_batch_file,
     read_member_list,
     resume_batch,
     submit_batch,
+    submit_batch_file,
 )
 from worker.budget import Priority
 from worker.bulk import Plan, Row, RowAction, plan, sync_plan
@@ -76,18 +78,32 @@ def _fail(outcome: str, message: str, **details: Any) -> NoReturn:
     fail_json({"outcome": outcome, "message": message, **details})
 
 
-def _refuse_problems(problems: Sequence[Problem]) -> NoReturn:
+def _refuse_problems(problems: Sequence[Problem], count: int | None = None) -> NoReturn:
+    """Fail listing the problems; `count` counts those not listed too."""
+    count = len(problems) if count is None else count
     shown = "; ".join(f"line {p.line}: {p.message}" for p in problems[:PROBLEMS_IN_MESSAGE])
-    more = (
-        f" (and {len(problems) - PROBLEMS_IN_MESSAGE} more)"
-        if len(problems) > PROBLEMS_IN_MESSAGE
-        else ""
-    )
+    more = f" (and {count - PROBLEMS_IN_MESSAGE} more)" if count > PROBLEMS_IN_MESSAGE else ""
     _fail(
         "invalid_input",
-        f"{len(problems)} invalid row(s), nothing queued: {shown}{more}",
+        f"{count} invalid row(s), nothing queued: {shown}{more}",
         problems=[{"line": p.line, "message": p.message} for p in problems],
+        problem_count=count,
     )
+
+
+def _file_extra(
+    skipped: Sequence[Problem],
+    skipped_count: int,
+    duplicates: Sequence[Duplicate],
+    duplicate_count: int,
+) -> dict[str, Any]:
+    """What a submitted file's answer adds: the lines skipped and the repeated rows dropped."""
+    return {
+        "skipped": [{"line": p.line, "message": p.message} for p in skipped],
+        "skipped_count": skipped_count,
+        "duplicates": [{"line": d.line, "duplicate_of": d.duplicate_of} for d in duplicates],
+        "duplicate_count": duplicate_count,
+    }
 
 
 def _rows(items: Sequence[NewItem]) -> list[Row]:
@@ -162,7 +178,12 @@ def _submit(
     as_json: bool,
     extra: dict[str, Any],
 ) -> None:
-    batch_id = submit_batch(settings, source, items)
+    _show_submitted(settings, submit_batch(settings, source, items), wait, as_json, extra)
+
+
+def _show_submitted(
+    settings: Settings, batch_id: str, wait: bool, as_json: bool, extra: dict[str, Any]
+) -> None:
     if wait:
         view = _wait(settings, batch_id, show_progress=not as_json)
     else:
@@ -216,31 +237,46 @@ def submit_command(
     With --wait the exit status is non-zero unless every row ended in a success outcome.
     """
     settings = get_settings()
+    if not dry_run and max_changes is None:
+        # The common case streams the file into the database: no row is held in memory.
+        try:
+            submitted = submit_batch_file(settings, file, skip_invalid=skip_invalid)
+        except InvalidRowsError as exc:
+            _refuse_problems(exc.problems, exc.count)
+        except BatchFileError as exc:
+            _fail("invalid_input", str(exc))
+        extra = _file_extra(
+            submitted.skipped,
+            submitted.skipped_count,
+            submitted.duplicates,
+            submitted.duplicate_count,
+        )
+        _show_submitted(settings, submitted.batch_id, wait, as_json, extra)
+        return
+    # A plan needs every row at hand; `batch_max_rows` bounds them.
     try:
-        parsed: ParsedBatch = read_batch_file(file)
+        parsed = read_batch_file(file, max_rows=settings.batch_max_rows)
     except BatchFileError as exc:
         _fail("invalid_input", str(exc))
     if parsed.problems and not skip_invalid:
-        _refuse_problems(parsed.problems)
+        _refuse_problems(parsed.problems, parsed.problem_count)
     if not parsed.items:
         _fail("invalid_input", "no valid rows, nothing queued")
-    extra = {
-        "skipped": [{"line": p.line, "message": p.message} for p in parsed.problems],
-        "duplicates": [{"line": d.line, "duplicate_of": d.duplicate_of} for d in parsed.duplicates],
-    }
-    if dry_run or max_changes is not None:
-        try:
-            planned = plan(_graph_client(settings), _rows(parsed.items))
-        except GraphError as exc:
-            fail_json(exc.to_dict())
-        if dry_run:
-            view = {**_plan_view(planned), **extra}
-            if as_json:
-                print_json(view)
-            else:
-                _print_plan(view)
-            return
-        _check_threshold(len(planned.changes), max_changes)
+    extra = _file_extra(
+        parsed.problems, parsed.problem_count, parsed.duplicates, parsed.duplicate_count
+    )
+    try:
+        planned = plan(_graph_client(settings), _rows(parsed.items))
+    except GraphError as exc:
+        fail_json(exc.to_dict())
+    if dry_run:
+        view = {**_plan_view(planned), **extra}
+        if as_json:
+            print_json(view)
+        else:
+            _print_plan(view)
+        return
+    _check_threshold(len(planned.changes), max_changes)
     _submit(settings, file.name, parsed.items, wait=wait, as_json=as_json, extra=extra)
 
 
@@ -399,12 +435,13 @@ def sync_command(
         _fail("invalid_input", f"GROUP_ID must be an object id (a GUID), got {group_id!r}")
     group_id = group_id.lower()
     try:
-        user_ids, problems = read_member_list(members_file)
+        members = read_member_list(members_file, max_rows=settings.batch_max_rows)
     except BatchFileError as exc:
         _fail("invalid_input", str(exc))
     # A skipped line would remove that user from the group: bad lines always refuse the sync.
-    if problems:
-        _refuse_problems(problems)
+    if members.problems:
+        _refuse_problems(members.problems, members.problem_count)
+    user_ids = members.user_ids
     if not user_ids:
         _fail("invalid_input", f"{members_file} lists no users; refusing to empty the group")
     try:

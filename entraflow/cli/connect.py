@@ -7,15 +7,17 @@ credentials instead. Secrets go to the database encrypted, never to the screen.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
+import stat
+import sys
 import threading
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,8 +53,14 @@ PASTE_REDIRECT_URI = "http://localhost"
 DEFAULT_SIGN_IN_TIMEOUT_S = 300.0
 # The listener checks this often whether the wait is over, in seconds.
 LISTENER_POLL_S = 0.5
-# oauthlib refuses plain http unless this is set; we set it only for a loopback authority.
-INSECURE_TRANSPORT_VARIABLE = "OAUTHLIB_INSECURE_TRANSPORT"
+# Entra's client secrets are about 40 characters; a file far larger is not one.
+MAX_SECRET_FILE_BYTES = 4096
+# Permission bits that let anyone but the owner read or change a secret file.
+SHARED_FILE_BITS = stat.S_IRWXG | stat.S_IRWXO
+SECRET_SOURCES = (
+    "set ENTRAFLOW_CLIENT_SECRET, give --client-secret-file PATH (a file only you can read), "
+    "or run at a terminal to be asked for it (a hidden prompt)"
+)
 # A group id no tenant has: reading it shows the permission (404) without reading anything.
 NIL_GUID = "00000000-0000-0000-0000-000000000000"
 ACTION_PURPOSE = "keep the connection without signing in again (a refresh token)"
@@ -164,9 +172,13 @@ def sign_in(
 @click.option("--app", "app_only", is_flag=True, help="Connect as the app (client credentials).")
 @click.option("--tenant-id", help="Directory (tenant) id; default ENTRAFLOW_TENANT_ID.")
 @click.option("--client-id", help="Application (client) id; default ENTRAFLOW_CLIENT_ID.")
+# Kept only to explain why it is refused: a value in argv is readable by every local user.
+@click.option("--client-secret", "argv_secret", hidden=True)
 @click.option(
-    "--client-secret",
-    help="Client secret; default ENTRAFLOW_CLIENT_SECRET (optional for a public client).",
+    "--client-secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file (mode 600) holding the client secret; default ENTRAFLOW_CLIENT_SECRET, else a "
+    "hidden prompt with --app (optional for a public client).",
 )
 @click.option("--account", help="The service account to sign in as (sent as login_hint).")
 @click.option("--port", type=int, default=0, show_default=True, help="Loopback port; 0: any.")
@@ -187,7 +199,8 @@ def connect(
     app_only: bool,
     tenant_id: str | None,
     client_id: str | None,
-    client_secret: str | None,
+    argv_secret: str | None,
+    client_secret_file: Path | None,
     account: str | None,
     port: int,
     redirect_uri: str | None,
@@ -197,22 +210,26 @@ def connect(
     new_key: bool,
 ) -> None:
     """Connect entraflow to Entra ID: a service account signs in, or --app."""
+    if argv_secret is not None:
+        raise click.UsageError(
+            "--client-secret is refused: a secret on the command line is shown to every local "
+            f"user by `ps` and stays in the shell's history. Instead, {SECRET_SOURCES}."
+        )
     if new_key:
         click.echo(generate_key())
         return
     settings = get_settings()
-    _allow_loopback_http(settings.authority_url)
     tenant = tenant_id or settings.tenant_id
     client = client_id or settings.client_id
-    secret = SecretStr(client_secret) if client_secret else settings.client_secret
     if not tenant or not client:
         raise click.UsageError(
             "give --tenant-id and --client-id, or set ENTRAFLOW_TENANT_ID/_CLIENT_ID"
         )
+    secret = _client_secret(settings, client_secret_file, ask=app_only)
     try:
         if app_only:
-            if secret is None or not secret.get_secret_value():
-                raise click.UsageError("--app needs --client-secret or ENTRAFLOW_CLIENT_SECRET")
+            if secret is None:
+                raise click.UsageError(f"--app needs the app's client secret: {SECRET_SOURCES}")
             connection = connect_app(
                 settings,
                 tenant_id=tenant,
@@ -258,7 +275,6 @@ def show(as_json: bool) -> None:
 def check(as_json: bool) -> None:
     """Test each action's permission with a read-only request where one can."""
     settings = get_settings()
-    _allow_loopback_http(settings.authority_url)
     try:
         results = check_permissions(settings)
     except EntraflowError as exc:
@@ -448,21 +464,41 @@ def _secret_box(settings: Settings) -> SecretBox:
         raise click.ClickException(str(exc)) from exc
 
 
-def _allow_loopback_http(authority_url: str) -> None:
-    """Let oauthlib use a plain-http authority only when it is this machine (the sandbox)."""
-    parts = urlsplit(authority_url)
-    if parts.scheme != "http":
-        return
-    host = parts.hostname or ""
+def stdin_is_terminal() -> bool:
+    """Whether someone is at the keyboard to type a secret into a hidden prompt."""
+    return sys.stdin.isatty()
+
+
+def _client_secret(settings: Settings, path: Path | None, *, ask: bool) -> SecretStr | None:
+    """The client secret from `path`, else ENTRAFLOW_CLIENT_SECRET, else a hidden prompt."""
+    if path is not None:
+        return SecretStr(read_secret_file(path))
+    if settings.client_secret is not None and settings.client_secret.get_secret_value():
+        return settings.client_secret
+    if ask and stdin_is_terminal():
+        typed = click.prompt("Client secret", hide_input=True, default="", show_default=False)
+        return SecretStr(typed.strip()) if typed.strip() else None
+    return None
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret `path` holds; refused when others may read it, or when it is not one."""
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise click.ClickException(
-            f"ENTRAFLOW_AUTHORITY_URL {authority_url} is plain http and not this machine: refused"
-        )
-    os.environ[INSECURE_TRANSPORT_VARIABLE] = "1"
+        with path.open("rb") as opened:
+            status = os.fstat(opened.fileno())
+            # A pipe (`--client-secret-file <(vault read ...)`) has no permissions to check.
+            if stat.S_ISREG(status.st_mode) and status.st_mode & SHARED_FILE_BITS:
+                raise click.UsageError(
+                    f"{path} can be read by others (mode {stat.S_IMODE(status.st_mode):o}): "
+                    f"run `chmod 600 {path}` and keep the secret to yourself"
+                )
+            content = opened.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise click.UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    secret = content.decode("utf-8", errors="replace").strip()
+    if len(content) > MAX_SECRET_FILE_BYTES or not secret or "\n" in secret:
+        raise click.UsageError(f"{path} must hold the client secret alone, on one line")
+    return secret
 
 
 def _iso(moment: datetime | None) -> str | None:

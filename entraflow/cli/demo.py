@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from entraflow import keys
 from entraflow.settings import get_settings
@@ -42,7 +43,8 @@ def demo() -> None:
         os.environ.update(stack.env)
         get_settings.cache_clear()
         settings = get_settings()
-        click.echo(f"  Redis       {stack.redis_url}")
+        # The password the URL carries stays off the screen.
+        click.echo(f"  Redis       {maybe_sanitize_url(stack.redis_url or '')}")
         click.echo(f"  Graph       {stack.sandbox.graph_url} (the sandbox)")
         click.echo(f"  run history {settings.resolved_database_url}\n")
 

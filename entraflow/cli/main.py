@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import click
+from pydantic import ValidationError
 
 from entraflow.cli.action import action
 from entraflow.cli.audit import audit
@@ -15,17 +16,22 @@ from entraflow.cli.demo import demo
 from entraflow.cli.events import events
 from entraflow.cli.flows import flows
 from entraflow.cli.processes import flower, sandbox, worker
+from entraflow.cli.redis import redis_group
 from entraflow.cli.runs import runs
 from entraflow.cli.scheduler import scheduler
 from entraflow.logs import configure as configure_logs
-from entraflow.settings import get_settings
+from entraflow.settings import get_settings, settings_problem
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level on stderr.")
 def cli(verbose: bool) -> None:
     """Microsoft Entra ID actions as automated flows, on Celery and Redis."""
-    configure_logs(logging.INFO if verbose else logging.WARNING, get_settings().log_format)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        raise click.ClickException(settings_problem(exc)) from exc
+    configure_logs(logging.INFO if verbose else logging.WARNING, settings.log_format)
 
 
 cli.add_command(action)
@@ -40,6 +46,7 @@ cli.add_command(events)
 cli.add_command(flower)
 cli.add_command(flows)
 cli.add_command(group)
+cli.add_command(redis_group)
 cli.add_command(runs)
 cli.add_command(sandbox)
 cli.add_command(scheduler)

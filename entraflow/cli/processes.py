@@ -1,8 +1,9 @@
-"""`entraflow worker` and `entraflow sandbox`: the long-running processes."""
+"""`entraflow worker`, `entraflow sandbox` and `entraflow flower`: the long-running processes."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import click
@@ -12,13 +13,20 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 from entraflow import keys, logs, metrics
 from entraflow.celery_app import app
 from entraflow.redis_server import redis_url
-from entraflow.settings import Settings, get_settings
+from entraflow.settings import Settings, get_settings, is_loopback_host
 from worker.budget import RU_BUDGET, WRITES_BUDGET, Budget
 from worker.connections import connection_identity
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 # Under ENTRAFLOW_HOME: the files a worker's processes keep their metrics in.
 METRICS_DIR = "metrics"
+# Where Flower listens when nobody has to sign in to it: its pages show every task's arguments
+# and errors, which name users, so without authentication only this machine may see them. Also
+# the sandbox's address in the variables `entraflow sandbox` prints: entraflow speaks plain
+# http to loopback only.
+LOOPBACK_ADDRESS = "127.0.0.1"
+# Listening on these is listening on every interface, loopback included.
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 
 
 @click.command(context_settings=PASS_THROUGH)
@@ -109,10 +117,19 @@ def sandbox(host: str, port: int) -> None:
     from sandbox.server import SandboxServer
 
     server = SandboxServer(host=host, port=port)
+    # Never bound: it only names the sandbox by the loopback address it also listens on.
+    named = server
+    if host in WILDCARD_ADDRESSES:
+        named = SandboxServer(host=LOOPBACK_ADDRESS, port=port)
     click.echo(f"Graph sandbox on {server.url}; point entraflow at it with:")
-    for name, value in sandbox_environment(server).items():
+    for name, value in sandbox_environment(named).items():
         click.echo(f"  export {name}={value}")
-    click.echo("(OAUTHLIB_INSECURE_TRANSPORT allows plain HTTP: only ever for this local server.)")
+    if named is server and not is_loopback_host(host):
+        click.secho(
+            f"Warning: entraflow refuses plain http to {host}, which is not loopback; only a "
+            "process that reaches this sandbox on 127.0.0.1 or ::1 can use it.",
+            fg="yellow",
+        )
     server.serve_forever()
 
 
@@ -120,4 +137,46 @@ def sandbox(host: str, port: int) -> None:
 @click.pass_context
 def flower(ctx: click.Context) -> None:
     """Run Flower on this deployment's broker; Flower's own options pass through."""
-    app.start(["flower", *ctx.args])
+    address, unix_socket, authenticated = flower_options(ctx.args)
+    app.start(["flower", *ctx.args, *flower_address_arguments(address, unix_socket, authenticated)])
+
+
+def flower_address_arguments(address: str, unix_socket: str, authenticated: bool) -> list[str]:
+    """What to add to Flower's arguments so that, without authentication, it stays on loopback.
+
+    `address` is Flower's `--address` ('' is every interface); a Unix socket is this machine's.
+    """
+    if authenticated or unix_socket:
+        return []
+    if not address:
+        return [f"--address={LOOPBACK_ADDRESS}"]
+    if is_loopback_host(address):
+        return []
+    raise click.ClickException(
+        f"Flower without authentication would listen on {address}, where anyone who reaches it "
+        "sees every task with its arguments and errors (which name users): refused. Set "
+        "FLOWER_BASIC_AUTH=user:password (or pass --basic-auth=user:password, or --auth with "
+        "Flower's OAuth2 login), or listen on this machine only: "
+        f"--address={LOOPBACK_ADDRESS}"
+    )
+
+
+def flower_options(args: list[str]) -> tuple[str, str, bool]:
+    """Flower's address, Unix socket and whether it authenticates, read as Flower reads them.
+
+    Flower takes its options from FLOWER_* variables, its config file and `args`; its own
+    reader sees all three, so what is judged here is what Flower will do.
+    """
+    from flower.command import apply_env_options, apply_options
+    from tornado.options import Error, options
+
+    try:
+        apply_env_options()
+        apply_options(sys.argv[0], args)
+    except (Error, ValueError) as exc:
+        raise click.UsageError(f"flower: {exc}") from exc
+    # A credential is `user:password` (an empty FLOWER_BASIC_AUTH guards nothing), and
+    # `--auth_provider` alone signs no one in: it only names the login page of `--auth`.
+    credentials = [str(credential) for credential in options.basic_auth or []]
+    authenticated = any(":" in credential for credential in credentials) or bool(options.auth)
+    return str(options.address or ""), str(options.unix_socket or ""), authenticated

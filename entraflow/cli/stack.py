@@ -22,6 +22,7 @@ from typing import IO
 
 from pydantic import SecretStr
 
+from entraflow.home import private_home
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.settings import Settings
 from sandbox.directory import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SANDBOX_TENANT_ID
@@ -39,8 +40,6 @@ def sandbox_environment(sandbox: SandboxServer) -> dict[str, str]:
         "ENTRAFLOW_TENANT_ID": SANDBOX_TENANT_ID,
         "ENTRAFLOW_CLIENT_ID": SANDBOX_CLIENT_ID,
         "ENTRAFLOW_CLIENT_SECRET": SANDBOX_CLIENT_SECRET,
-        # The sandbox speaks plain HTTP on loopback; never set this for a real authority.
-        "OAUTHLIB_INSECURE_TRANSPORT": "1",
     }
 
 
@@ -99,10 +98,10 @@ class LocalStack:
 
     @property
     def _embedded_redis(self) -> EmbeddedRedis:
-        return EmbeddedRedis(self.home.resolve() / "redis")
+        return EmbeddedRedis.for_settings(Settings(home=self.home))
 
     def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_home(self.home)
         if not self.redis_url:
             self.redis_url, self._started_redis = self._embedded_redis.ensure_running()
         self.sandbox.start()
