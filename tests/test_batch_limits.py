@@ -213,6 +213,22 @@ def test_repeated_rows_are_dropped_and_contradicting_rows_refused_when_streamed(
     assert [r["line"] for r in rows] == [2, 3, 6]
 
 
+# Runs `entraflow` and writes its own peak resident memory (VmHWM, in KiB) to argv[1] at exit.
+# The child measures itself: the kernel counts a forked child's exec as starting from its
+# parent's high-water mark, so wait4's ru_maxrss reports pytest's size late in a full suite.
+MEASURED_ENTRAFLOW = """
+import atexit, re, runpy, sys
+report_path = sys.argv.pop(1)
+def report():
+    status = open("/proc/self/status").read()
+    with open(report_path, "w") as out:
+        out.write(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+atexit.register(report)
+sys.argv[0] = "entraflow"
+runpy.run_module("entraflow", run_name="__main__")
+"""
+
+
 def _submit_in_a_process(settings: Settings, path: Path, *args: str) -> tuple[int, str, float]:
     """Exit code, output and peak resident memory in MiB of a real `entraflow batch submit`."""
     env = {
@@ -223,17 +239,13 @@ def _submit_in_a_process(settings: Settings, path: Path, *args: str) -> tuple[in
         "ENTRAFLOW_BATCH_MAX_ROWS": str(MEMORY_TEST_ROWS),
     }
     output = path.with_suffix(".out")
+    peak = path.with_suffix(".peak")
+    command = [sys.executable, "-c", MEASURED_ENTRAFLOW, str(peak), "batch", "submit", str(path)]
     with output.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "entraflow", "batch", "submit", str(path), "--json", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.DEVNULL,
+        completed = subprocess.run(
+            [*command, "--json", *args], env=env, stdout=out, stderr=subprocess.DEVNULL
         )
-        # This child's own peak: RUSAGE_CHILDREN would mix in every earlier child of pytest.
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, output.read_text(), usage.ru_maxrss / KIB
+    return completed.returncode, output.read_text(), int(peak.read_text()) / KIB
 
 
 def test_a_large_csv_is_submitted_in_bounded_memory(settings: Settings, tmp_path: Path) -> None:
