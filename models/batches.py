@@ -16,7 +16,7 @@ from itertools import islice
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Index, bindparam, func, or_, update
+from sqlalchemy import Index, func, or_, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from models.audit import (
@@ -249,35 +249,84 @@ def get_batch(database_url: str, batch_id: str) -> Batch | None:
         return session.get(Batch, batch_id)
 
 
-def items_to_chunk(database_url: str, batch_id: str) -> list[PendingItem] | None:
-    """Every item of a batch not yet split into chunks, or None once it has been."""
-    with session_scope(database_url) as session:
-        batch = session.get(Batch, batch_id)
-        if batch is None or batch.chunks is not None:
-            return None
-        rows = session.execute(
-            select(BatchItem.id, BatchItem.action, BatchItem.user_id, BatchItem.group_id)
-            .where(BatchItem.batch_id == batch_id)
-            .order_by(col(BatchItem.id))
-        ).all()
-        return [PendingItem(*row) for row in rows]
+def split_into_chunks(
+    database_url: str, batch_id: str, *, adds_per_chunk: int, removals_per_chunk: int
+) -> None:
+    """Number a batch's items by chunk, once: adds per group, then removals, in item order.
 
-
-def assign_chunks(database_url: str, batch_id: str, chunks: Sequence[Sequence[int]]) -> None:
-    """Give each item the number of its chunk (its position in `chunks`), once per batch."""
+    The numbering `worker.bulk.chunk_rows` gives the items in id order, computed by the
+    database: each group's adds (groups in the order of their first add, compared in lower
+    case) go `adds_per_chunk` to a chunk, then every removal, whatever its group,
+    `removals_per_chunk` to a chunk. No row passes through this process, so a batch of any
+    size splits in the same memory. The count, the claim and the numbering are one
+    transaction: a worker that dies half-way leaves the batch unsplit, for the next delivery.
+    """
+    in_batch = _ITEMS.c.batch_id == batch_id
+    adds = in_batch & (_ITEMS.c.action == ItemAction.ADD)
+    removals = in_batch & (_ITEMS.c.action == ItemAction.REMOVE)
+    # Stored group ids are lower-case GUIDs already; lower() keeps the rule of chunk_rows, and
+    # SQLite's ASCII-only lower() agrees with Python's on them.
+    group = func.lower(_ITEMS.c.group_id)
+    groups = (
+        sa.select(
+            group.label("key"),
+            func.min(_ITEMS.c.id).label("first_id"),
+            ((func.count() + (adds_per_chunk - 1)) // adds_per_chunk).label("chunks"),
+        )
+        .where(adds)
+        .group_by(group)
+        .subquery()
+    )
     with session_scope(database_url) as session:
+        add_chunks = int(session.execute(sa.select(func.sum(groups.c.chunks))).scalar_one() or 0)
+        removal_count = session.execute(
+            sa.select(func.count()).select_from(_ITEMS).where(removals)
+        ).scalar_one()
+        removal_chunks = (removal_count + removals_per_chunk - 1) // removals_per_chunk
         claimed = session.execute(
             update(Batch)
             .where(col(Batch.id) == batch_id)
             .where(col(Batch.chunks).is_(None))
-            .values(chunks=len(chunks))
+            .values(chunks=add_chunks + removal_chunks)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            return  # another delivery split it first; its numbering stands
-        session.execute(
-            update(_ITEMS).where(_ITEMS.c.id == bindparam("item_id")).values(chunk=bindparam("n")),
-            [{"item_id": item_id, "n": n} for n, chunk in enumerate(chunks) for item_id in chunk],
+            return  # gone, or another delivery split it first: its numbering stands
+        # A group's first chunk follows the chunks of every group first added before it.
+        chunks_so_far = func.sum(groups.c.chunks).over(order_by=groups.c.first_id, rows=(None, 0))
+        first_chunks = sa.select(
+            groups.c.key,
+            (sa.cast(chunks_so_far, sa.Integer) - groups.c.chunks).label("first_chunk"),
+        ).subquery()
+        numbered_adds = (
+            sa.select(
+                _ITEMS.c.id,
+                (first_chunks.c.first_chunk + _position(group) // adds_per_chunk).label("chunk"),
+            )
+            .join(first_chunks, first_chunks.c.key == group)
+            .where(adds)
+            .subquery()
         )
+        numbered_removals = (
+            sa.select(
+                _ITEMS.c.id,
+                (add_chunks + _position() // removals_per_chunk).label("chunk"),
+            )
+            .where(removals)
+            .subquery()
+        )
+        for numbered in (numbered_adds, numbered_removals):
+            session.execute(
+                update(_ITEMS).where(_ITEMS.c.id == numbered.c.id).values(chunk=numbered.c.chunk)
+            )
+
+
+def _position(*partition_by: Any) -> Any:
+    """An item's place among the rows of its partition, from 0, in id order."""
+    # Typed, so that `//` stays the integer division both databases share (not FLOOR()).
+    row_number = func.row_number(type_=sa.Integer).over(
+        partition_by=partition_by or None, order_by=_ITEMS.c.id
+    )
+    return row_number - 1
 
 
 def pending_chunks(database_url: str, batch_id: str) -> list[int]:

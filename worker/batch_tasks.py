@@ -1,11 +1,11 @@
 """The Celery tasks of bulk membership batches, thin adapters around `worker.bulk`.
 
 `entraflow.batch_start` splits a stored batch into chunks (one Graph request each, as
-`chunk_rows` cuts them), numbers its items once, and queues a chunk task per chunk that still
-has rows. `entraflow.batch_chunk` applies one chunk's rows not yet done and records each row's
-outcome. Both carry ids only, are acknowledged late, and are safe to receive twice: a chunk run
-again skips recorded rows, and the engine's outcomes make re-applying an unrecorded row
-harmless (Graph answers `already_member` / `not_member`).
+`chunk_rows` cuts them; the database numbers the items, once, without loading them), and
+queues a chunk task per chunk that still has rows. `entraflow.batch_chunk` applies one chunk's
+rows not yet done and records each row's outcome. Both carry ids only, are acknowledged late,
+and are safe to receive twice: a chunk run again skips recorded rows, and the engine's outcomes
+make re-applying an unrecorded row harmless (Graph answers `already_member` / `not_member`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ from entraflow.settings import Settings, get_settings
 from models.batches import (
     ItemResult,
     PendingItem,
-    assign_chunks,
     claim_chunk,
-    items_to_chunk,
     pending_chunks,
     record_results,
     release_attempt,
+    split_into_chunks,
 )
-from worker.budget import BudgetExhaustedError, Priority
-from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk, chunk_rows
+from worker.budget import MAX_BATCH_REQUESTS, MAX_MEMBERS_PER_PATCH, BudgetExhaustedError, Priority
+from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk
 from worker.errors import TransientGraphError
 from worker.graph import GraphClient
 from worker.tasks import STORAGE_RETRY_S, lock_client, retry_argsrepr
@@ -90,10 +89,12 @@ class ChunkResult:
 def split_batch(settings: Settings, batch_id: str) -> list[int]:
     """Number the batch's items by chunk (once), and answer the chunks with rows still to do."""
     database_url = settings.resolved_database_url
-    items = items_to_chunk(database_url, batch_id)
-    if items is not None:
-        chunks = chunk_rows([_row(item) for item in items])
-        assign_chunks(database_url, batch_id, [[int(row.row_id) for row in c] for c in chunks])
+    split_into_chunks(
+        database_url,
+        batch_id,
+        adds_per_chunk=MAX_MEMBERS_PER_PATCH,
+        removals_per_chunk=MAX_BATCH_REQUESTS,
+    )
     return pending_chunks(database_url, batch_id)
 
 
