@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
@@ -112,9 +112,10 @@ class Settings(BaseSettings):
         env_prefix="ENTRAFLOW_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    redis_url: str | None = None
+    # Left out of the repr, which tracebacks and logs show: the URLs may carry a password.
+    redis_url: str | None = Field(default=None, repr=False)
     embedded_redis_idle_s: float = DEFAULT_EMBEDDED_REDIS_IDLE_S
-    database_url: str | None = None
+    database_url: str | None = Field(default=None, repr=False)
     home: Path = DEFAULT_HOME
 
     # Comma-separated; read before the two URLs below, whose check depends on it.

@@ -489,3 +489,14 @@ def test_metrics_listen_on_loopback_by_default(tmp_path: Path, redis_url: str) -
         client.close()
 
     assert addresses == {ipaddress.ip_address("127.0.0.1")}
+
+
+def test_settings_never_show_a_redis_or_database_password_in_their_repr() -> None:
+    # Settings reach tracebacks (pytest showed the embedded Redis's password in one) and logs.
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        redis_url="redis://:hunter2-redis@127.0.0.1:6379/0",
+        database_url="postgresql://entraflow:hunter2-db@127.0.0.1/entraflow",
+    )
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings)
