@@ -46,7 +46,7 @@ def demo() -> None:
         # The password the URL carries stays off the screen.
         click.echo(f"  Redis       {maybe_sanitize_url(stack.redis_url or '')}")
         click.echo(f"  Graph       {stack.sandbox.graph_url} (the sandbox)")
-        click.echo(f"  run history {settings.resolved_database_url}\n")
+        click.echo(f"  run history {maybe_sanitize_url(settings.resolved_database_url)}\n")
 
         for result in apply_flows(settings, EXAMPLES / "flows"):
             click.echo(f"flow {result.name}: {result.outcome} (version {result.version})")
