@@ -343,6 +343,20 @@ def _csv_records(stream: TextIO) -> Iterator[Record]:
         raise BatchFileError(
             f"the CSV header must be {','.join(CSV_COLUMNS)}, got {','.join(header) or 'nothing'}"
         )
+    for line, fields in _csv_rows(lines):
+        if isinstance(fields, str):
+            yield line, fields
+            continue
+        if not fields:
+            continue  # a blank line
+        if len(fields) > len(header):
+            yield line, "more fields than the header"
+            continue
+        yield line, dict(zip(header, fields, strict=False))
+
+
+def _csv_rows(lines: _Lines) -> Iterator[tuple[int, list[str] | str]]:
+    """(line, fields) for each CSV row of `lines`, or (line, why it is no row); [] is blank."""
     reader = csv.reader(lines, skipinitialspace=True)
     while True:
         try:
@@ -355,12 +369,7 @@ def _csv_records(stream: TextIO) -> Iterator[Record]:
         except csv.Error as exc:
             yield lines.number, f"not CSV: {exc}"
             continue
-        if not fields:
-            continue  # a blank line
-        if len(fields) > len(header):
-            yield lines.number, "more fields than the header"
-            continue
-        yield lines.number, dict(zip(header, fields, strict=False))
+        yield lines.number, fields
 
 
 def _json_records(stream: TextIO) -> Iterator[Record]:
@@ -470,22 +479,13 @@ def _member_values(stream: TextIO) -> Iterator[tuple[int, str | Problem | None]]
     if USER_ID_COLUMN not in header:
         raise BatchFileError(f"the CSV has no {USER_ID_COLUMN} column")
     column = header.index(USER_ID_COLUMN)
-    reader = csv.reader(lines, skipinitialspace=True)
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except _LineTooLongError as exc:
-            yield exc.line, Problem(exc.line, f"the line is {exc}")
-            continue
-        except csv.Error as exc:
-            yield lines.number, Problem(lines.number, f"not CSV: {exc}")
-            continue
-        if not fields:
-            yield lines.number, None
-            continue
-        yield lines.number, (fields[column] if column < len(fields) else "").strip()
+    for line, fields in _csv_rows(lines):
+        if isinstance(fields, str):
+            yield line, Problem(line, fields)
+        elif not fields:
+            yield line, None
+        else:
+            yield line, (fields[column] if column < len(fields) else "").strip()
 
 
 def submit_batch(settings: Settings, source: str, items: Sequence[NewItem]) -> str:
