@@ -59,6 +59,9 @@ PASSWORD_FILE = "password"
 CONFIG_FILE = "redis.conf"
 LOG_FILE = "redis.log"
 START_LOCK_FILE = "start.lock"
+# The name the watchdog's connection goes by: `entraflow redis stop` does not count it as a
+# process using the server.
+WATCHDOG_CLIENT_NAME = "entraflow-watchdog"
 # Only the owner may enter the folder or read what is in it: the password, the data, the log.
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
@@ -165,7 +168,6 @@ class EmbeddedRedis:
             if port is None or not _port_is_free(port):
                 port = _free_port()
             self._launch(port, password)
-            _write_private(self.port_file, str(port))
             return _url(port, password), True
 
     def stop(self, *, keep_port: bool = False) -> None:
@@ -284,6 +286,8 @@ class EmbeddedRedis:
                 log = self.folder / LOG_FILE
                 raise EmbeddedRedisError(f"the embedded redis-server did not answer; see {log}")
             time.sleep(POLL_INTERVAL_S)
+        # Written before the watchdog starts: it reads the port from this file.
+        _write_private(self.port_file, str(port))
         pid = self._pid_on(port)
         if self.idle_stop_s > 0 and pid is not None:
             self._start_watchdog(pid)
@@ -318,7 +322,11 @@ def redis_url(settings: Settings) -> str:
 
 
 def probe_client(
-    port: int, password: str | None, *, timeout_s: float = PING_TIMEOUT_S
+    port: int,
+    password: str | None,
+    *,
+    timeout_s: float = PING_TIMEOUT_S,
+    client_name: str | None = None,
 ) -> redis.Redis:
     """A client of the embedded server on `port` that fails at once instead of retrying."""
     # No retries: a probe must answer "not there" at once, not after redis-py's backoff.
@@ -326,6 +334,7 @@ def probe_client(
         host="127.0.0.1",
         port=port,
         password=password,
+        client_name=client_name,
         socket_timeout=timeout_s,
         socket_connect_timeout=PING_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),

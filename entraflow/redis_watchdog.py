@@ -63,7 +63,13 @@ def watch(folder: Path, idle_stop_s: float, server_pid: int) -> None:
     # Imported here, after `main` detached: the launcher waits for that fork, not for imports.
     import redis
 
-    from entraflow.redis_server import EmbeddedRedis, is_running, probe_client, shutdown
+    from entraflow.redis_server import (
+        WATCHDOG_CLIENT_NAME,
+        EmbeddedRedis,
+        is_running,
+        probe_client,
+        shutdown,
+    )
 
     server = EmbeddedRedis(folder, idle_stop_s)
     descriptor = os.open(folder / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -80,7 +86,9 @@ def watch(folder: Path, idle_stop_s: float, server_pid: int) -> None:
     port, password = server.recorded_port(), server.password()
     if port is None or password is None:
         return
-    client = probe_client(port, password, timeout_s=INFO_TIMEOUT_S)
+    client = probe_client(
+        port, password, timeout_s=INFO_TIMEOUT_S, client_name=WATCHDOG_CLIENT_NAME
+    )
     clock = IdleClock(idle_stop_s)
     try:
         while True:

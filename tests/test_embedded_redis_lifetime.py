@@ -190,12 +190,25 @@ def test_redis_status_tells_whether_the_server_runs_where_and_when_it_stops(
     assert password and password not in json.dumps(running) + plain
 
 
-def test_redis_stop_shuts_the_server_down_cleanly(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path.resolve() / "redis", idle_stop_s=0)
+def watchdog_connected(url: str) -> bool:
+    """Whether a client besides the asking one is connected: the watchdog, in these tests."""
+    client = redis.Redis.from_url(url)
+    try:
+        return len(client.client_list()) > 1
+    finally:
+        client.close()
+
+
+# 0 starts no watchdog; with one, its own connection must not count as a process using Redis.
+@pytest.mark.parametrize("idle_stop_s", [0, 600])
+def test_redis_stop_shuts_the_server_down_cleanly(tmp_path: Path, idle_stop_s: float) -> None:
+    server = EmbeddedRedis(tmp_path.resolve() / "redis", idle_stop_s=idle_stop_s)
     url, _ = server.ensure_running()
     client = redis.Redis.from_url(url)
     client.set("kept", "yes")
     client.close()
+    if idle_stop_s:
+        wait_until(lambda: watchdog_connected(url), "the watchdog to connect")
 
     stopped = entraflow("redis", "stop", home=tmp_path)
     again = entraflow("redis", "stop", home=tmp_path)
@@ -210,9 +223,14 @@ def test_redis_stop_shuts_the_server_down_cleanly(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_redis_stop_leaves_a_server_other_processes_use_unless_forced(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path.resolve() / "redis", idle_stop_s=0)
+@pytest.mark.parametrize("idle_stop_s", [0, 600])
+def test_redis_stop_leaves_a_server_other_processes_use_unless_forced(
+    tmp_path: Path, idle_stop_s: float
+) -> None:
+    server = EmbeddedRedis(tmp_path.resolve() / "redis", idle_stop_s=idle_stop_s)
     url, _ = server.ensure_running()
+    if idle_stop_s:
+        wait_until(lambda: watchdog_connected(url), "the watchdog to connect")
     worker = redis.Redis.from_url(url)
     worker.ping()
     try:

@@ -8,7 +8,13 @@ import click
 import redis
 
 from entraflow.cli.output import print_json
-from entraflow.redis_server import SHUTDOWN_TIMEOUT_S, EmbeddedRedis, probe_client, shutdown
+from entraflow.redis_server import (
+    SHUTDOWN_TIMEOUT_S,
+    WATCHDOG_CLIENT_NAME,
+    EmbeddedRedis,
+    probe_client,
+    shutdown,
+)
 from entraflow.settings import Settings, get_settings
 
 NOT_EMBEDDED = "ENTRAFLOW_REDIS_URL is set: there is no embedded Redis server to manage"
@@ -62,8 +68,14 @@ def stop(force: bool) -> None:
         return
     client = probe_client(port, password)
     try:
-        # Those processes would not start it again: they would only fail until restarted.
-        others = int(client.info("clients")["connected_clients"]) - 1
+        # Those processes would not start it again: they would only fail until restarted. The
+        # watchdog's connection and this one are no such process.
+        own_id = client.client_id()
+        others = sum(
+            1
+            for connected in client.client_list()
+            if int(connected["id"]) != own_id and connected.get("name") != WATCHDOG_CLIENT_NAME
+        )
     except redis.RedisError as exc:
         raise click.ClickException(f"the embedded Redis does not answer: {exc}") from exc
     finally:
