@@ -432,8 +432,10 @@ class Scheduler:
                     next_claim = now + CLAIM_INTERVAL_S
                     handled += self.claim_idle(stop=stop)
                 if now >= next_housekeeping:
-                    self._housekeeping_round()
+                    # Likewise: a round failing for longer than its lock (a prune hitting the
+                    # statement timeout) would otherwise run again before every read.
                     next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+                    self._housekeeping_round()
                 handled += self.step(block_ms=READ_BLOCK_MS, stop=stop)
             except Exception as exc:
                 # Failing again at once would spin: a bug waits out the same backoff.

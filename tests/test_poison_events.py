@@ -459,6 +459,31 @@ def test_run_forever_carries_on_after_an_unexpected_error(
     assert accepted_ids(settings) == ["good"]
 
 
+def test_housekeeping_failing_again_and_again_never_keeps_events_waiting(
+    settings: Settings,
+    redis_client: redis.Redis,
+    scheduler: Scheduler,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A transient failure (a prune hitting the statement timeout, every round): reading goes on.
+    def always_times_out() -> None:
+        raise redis.TimeoutError("housekeeping timed out")
+
+    monkeypatch.setattr(scheduler, "housekeeping", always_times_out)
+    monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
+    push(redis_client, good_event("good"))
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run_forever, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not accepted_ids(settings) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(timeout=WAIT_S)
+
+    assert accepted_ids(settings) == ["good"]
+
+
 @pytest.mark.integration
 def test_a_scheduler_process_survives_the_attacks_events_and_runs_the_next_flow(
     settings: Settings, redis_client: redis.Redis, stack: LocalStack
