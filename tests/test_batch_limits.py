@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
+from peak_memory import ENTRAFLOW_CLI, run_measuring_peak
 
 from entraflow import keys
 from entraflow.cli.main import cli
@@ -27,7 +27,6 @@ MEMORY_TEST_ROWS = 100_000
 MEMORY_BOUND_MIB = 200
 # One line larger than anything the bound allows to be read whole.
 HUGE_LINE_BYTES = 400 * 1024 * 1024
-KIB = 1024
 
 
 def user(n: int) -> str:
@@ -213,22 +212,6 @@ def test_repeated_rows_are_dropped_and_contradicting_rows_refused_when_streamed(
     assert [r["line"] for r in rows] == [2, 3, 6]
 
 
-# Runs `entraflow` and writes its own peak resident memory (VmHWM, in KiB) to argv[1] at exit.
-# The child measures itself: the kernel counts a forked child's exec as starting from its
-# parent's high-water mark, so wait4's ru_maxrss reports pytest's size late in a full suite.
-MEASURED_ENTRAFLOW = """
-import atexit, re, runpy, sys
-report_path = sys.argv.pop(1)
-def report():
-    status = open("/proc/self/status").read()
-    with open(report_path, "w") as out:
-        out.write(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
-atexit.register(report)
-sys.argv[0] = "entraflow"
-runpy.run_module("entraflow", run_name="__main__")
-"""
-
-
 def _submit_in_a_process(settings: Settings, path: Path, *args: str) -> tuple[int, str, float]:
     """Exit code, output and peak resident memory in MiB of a real `entraflow batch submit`."""
     env = {
@@ -239,13 +222,16 @@ def _submit_in_a_process(settings: Settings, path: Path, *args: str) -> tuple[in
         "ENTRAFLOW_BATCH_MAX_ROWS": str(MEMORY_TEST_ROWS),
     }
     output = path.with_suffix(".out")
-    peak = path.with_suffix(".peak")
-    command = [sys.executable, "-c", MEASURED_ENTRAFLOW, str(peak), "batch", "submit", str(path)]
     with output.open("wb") as out:
-        completed = subprocess.run(
-            [*command, "--json", *args], env=env, stdout=out, stderr=subprocess.DEVNULL
+        code, peak_mib = run_measuring_peak(
+            ENTRAFLOW_CLI,
+            ["batch", "submit", str(path), "--json", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            peak_path=path.with_suffix(".peak"),
         )
-    return completed.returncode, output.read_text(), int(peak.read_text()) / KIB
+    return code, output.read_text(), peak_mib
 
 
 def test_a_large_csv_is_submitted_in_bounded_memory(settings: Settings, tmp_path: Path) -> None:

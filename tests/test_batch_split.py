@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from peak_memory import run_measuring_peak
 from sqlmodel import Session, col, select
 
 from entraflow.settings import Settings
@@ -36,7 +36,6 @@ GROUPS = [str(uuid.UUID(int=(0xC0FFEE << 64) + n)) for n in range(4)]
 # what the process starts with.
 MEMORY_TEST_ROWS = 200_000
 MEMORY_BOUND_MIB = 200
-KIB = 1024
 
 
 class WorkerKilled(BaseException):
@@ -225,13 +224,15 @@ def _split_in_a_process(
     )
     output = tmp_path / "split.out"
     with output.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, batch_id], env=env, stdout=out, stderr=subprocess.STDOUT
+        exit_code, peak_mib = run_measuring_peak(
+            code,
+            [batch_id],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            peak_path=tmp_path / "split.peak",
         )
-        # This child's own peak: RUSAGE_CHILDREN would mix in every earlier child of pytest.
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, output.read_text(), usage.ru_maxrss / KIB
+    return exit_code, output.read_text(), peak_mib
 
 
 def test_a_large_batch_is_split_in_bounded_memory(settings: Settings, tmp_path: Path) -> None:
