@@ -372,31 +372,40 @@ def _csv_rows(lines: _Lines) -> Iterator[tuple[int, list[str] | str]]:
         yield lines.number, fields
 
 
-def _json_records(stream: TextIO) -> Iterator[Record]:
-    """(line, record) for each non-blank JSON line, or (line, why it is no record)."""
-    lines = _Lines(stream)
+def _plain_lines(lines: _Lines) -> Iterator[tuple[int, str | Problem]]:
+    """(line, text) for each line of `lines`, or (line, the Problem of a line too long)."""
     while True:
         try:
             raw = next(lines)
         except StopIteration:
             return
         except _LineTooLongError as exc:
-            yield exc.line, f"the line is {exc}"
+            yield exc.line, Problem(exc.line, f"the line is {exc}")
+            continue
+        yield lines.number, raw
+
+
+def _json_records(stream: TextIO) -> Iterator[Record]:
+    """(line, record) for each non-blank JSON line, or (line, why it is no record)."""
+    lines = _Lines(stream)
+    for line, raw in _plain_lines(lines):
+        if isinstance(raw, Problem):
+            yield line, raw.message
             continue
         if not raw.strip():
             continue
         try:
             record = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_object)
         except RecursionError:
-            yield lines.number, "not JSON: nested too deeply"
+            yield line, "not JSON: nested too deeply"
             continue
         except ValueError as exc:  # JSONDecodeError, and int()'s limit on digits
-            yield lines.number, f"not JSON: {exc}"
+            yield line, f"not JSON: {exc}"
             continue
         if not isinstance(record, dict):
-            yield lines.number, "not a JSON object"
+            yield line, "not a JSON object"
             continue
-        yield lines.number, record
+        yield line, record
 
 
 def _refuse_constant(name: str) -> object:
@@ -466,15 +475,9 @@ def _member_values(stream: TextIO) -> Iterator[tuple[int, str | Problem | None]]
             raise BatchFileError(f"line {exc.line} is {exc}") from exc
     if "," not in first and first.strip().lower() != USER_ID_COLUMN:
         yield lines.number, first.strip()
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                return
-            except _LineTooLongError as exc:
-                yield exc.line, Problem(exc.line, f"the line is {exc}")
-                continue
-            yield lines.number, raw.strip() or None
+        for line, raw in _plain_lines(lines):
+            yield line, raw if isinstance(raw, Problem) else (raw.strip() or None)
+        return
     header = [name.strip().lower() for name in next(csv.reader([first]), [])]
     if USER_ID_COLUMN not in header:
         raise BatchFileError(f"the CSV has no {USER_ID_COLUMN} column")
