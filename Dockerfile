@@ -16,6 +16,8 @@ COPY worker ./worker
 COPY scheduler ./scheduler
 COPY models ./models
 COPY sandbox ./sandbox
+COPY harness ./harness
+COPY cli ./cli
 RUN pip install '.[postgres]' && rm -rf /src
 
 # A fixed, unprivileged user; /data (ENTRAFLOW_HOME) is created here so a new named volume

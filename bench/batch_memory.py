@@ -88,7 +88,7 @@ def submit(path: Path, env: dict[str, str]) -> Submit:
     started = time.perf_counter()
     with output.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "entraflow", "batch", "submit", str(path), "--json"],
+            [sys.executable, "-m", "cli", "batch", "submit", str(path), "--json"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -27,8 +27,8 @@ from typing import Any
 
 import redis
 
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import get_settings
+from harness.stack import LocalStack
 from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem, batch_view
 from sandbox.config import SandboxConfig
 from sandbox.directory import DEMO_GROUPS, bulk_user_id

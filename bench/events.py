@@ -32,8 +32,8 @@ import redis
 from celery import chain
 from sqlmodel import col, select
 
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import get_settings
+from harness.stack import LocalStack
 from models.db import session_scope
 from models.runs import FlowRun, RunStatus
 from sandbox.app import SandboxApp

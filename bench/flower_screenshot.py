@@ -26,8 +26,8 @@ from typing import Any
 import redis
 import requests
 
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import get_settings
+from harness.stack import LocalStack
 from models.batches import ItemAction, NewItem, batch_view
 from models.history import wait_for_event_runs
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
@@ -75,7 +75,7 @@ def start_flower(redis_url: str, port: int, password: str) -> subprocess.Popen[b
         "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{password}",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "entraflow", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [sys.executable, "-m", "cli", "flower", f"--port={port}", "--address=127.0.0.1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

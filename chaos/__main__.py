@@ -22,8 +22,8 @@ from pathlib import Path
 
 import chaos
 from chaos.harness import FLOWS_DIR, FULL, SHORT, Harness, Result, Scenario
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import get_settings
+from harness.stack import LocalStack
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from scheduler.flows import apply_flows

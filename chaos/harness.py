@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import func
 from sqlmodel import col, select
 
-from entraflow.cli.stack import LocalStack
+from harness.stack import LocalStack
 from models.audit import AuditEntry
 from models.batches import FINAL_BATCH_STATUSES, BatchItem, ItemAction, NewItem, get_batch
 from models.db import session_scope

@@ -34,8 +34,8 @@ from chaos.harness import (
     fail_check,
     wait_for,
 )
-from entraflow.cli.stack import PROCESS_STOP_TIMEOUT_S, LocalStack
 from entraflow.secrets import SecretBox, generate_key
+from harness.stack import PROCESS_STOP_TIMEOUT_S, LocalStack
 from models.audit import AuditEntry
 from models.batches import BatchItem
 from models.connections import ConnectionStatus, delete_connection, load_connection

@@ -15,10 +15,10 @@ import pytest
 import redis
 from sqlmodel import SQLModel
 
-from entraflow.cli.stack import LocalStack, sandbox_environment
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.secrets import generate_key
 from entraflow.settings import Settings, get_settings
+from harness.stack import LocalStack, sandbox_environment
 from models import migrations
 from models.db import create_database_engine, forget_engines, get_engine
 from sandbox.server import SandboxServer

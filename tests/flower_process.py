@@ -33,7 +33,7 @@ def running_flower(redis_url: str) -> Iterator[str]:
         "FLOWER_BASIC_AUTH": ":".join(CREDENTIALS),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "entraflow", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [sys.executable, "-m", "cli", "flower", f"--port={port}", "--address=127.0.0.1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

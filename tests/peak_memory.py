@@ -29,7 +29,7 @@ exec(compile(code, "<measured>", "exec"), {"__name__": "__main__"})
 """
 
 # `code` that runs the entraflow command line.
-ENTRAFLOW_CLI = "import runpy; runpy.run_module('entraflow', run_name='__main__')"
+ENTRAFLOW_CLI = "import runpy; runpy.run_module('cli', run_name='__main__')"
 
 
 def run_measuring_peak(

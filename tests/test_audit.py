@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sqlalchemy import update
 from sqlmodel import select
 
-from entraflow.cli.main import cli
-from entraflow.cli.stack import LocalStack
+from cli.main import cli
 from entraflow.settings import Settings
+from harness.stack import LocalStack
 from models.audit import (
     Actor,
     AuditEntry,

@@ -15,11 +15,11 @@ import requests
 from click.testing import CliRunner
 from sqlmodel import col, func, select
 
+from cli.main import cli
 from entraflow import keys
 from entraflow.catalogue import BATCH_START_TASK
-from entraflow.cli.main import cli
-from entraflow.cli.stack import sandbox_environment
 from entraflow.settings import Settings, get_settings
+from harness.stack import sandbox_environment
 from models.batches import (
     BatchItem,
     ItemAction,

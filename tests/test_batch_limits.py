@@ -14,8 +14,8 @@ import redis
 from click.testing import CliRunner
 from peak_memory import ENTRAFLOW_CLI, run_measuring_peak
 
+from cli.main import cli
 from entraflow import keys
-from entraflow.cli.main import cli
 from entraflow.settings import Settings, get_settings
 from models.batches import report_rows
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from entraflow.cli.main import cli
-from entraflow.cli.stack import LocalStack
+from cli.main import cli
 from entraflow.settings import Settings
+from harness.stack import LocalStack
 from models.batches import batch_view, report_rows
 from sandbox.config import SandboxConfig
 from sandbox.directory import DEMO_GROUPS, bulk_user_id

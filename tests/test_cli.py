@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from entraflow.cli.stack import sandbox_environment
+from harness.stack import sandbox_environment
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
@@ -28,7 +28,7 @@ COMMAND_TIMEOUT_S = 60
 
 def entraflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "entraflow", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -122,7 +122,7 @@ def test_the_demo_runs_example_events_through_scheduler_and_worker_and_exits_zer
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENTRAFLOW_")}
     env["ENTRAFLOW_HOME"] = str(tmp_path / "home")
     result = subprocess.run(
-        [sys.executable, "-m", "entraflow", "demo"],
+        [sys.executable, "-m", "cli", "demo"],
         env=env,
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ import requests
 import yaml
 from sqlalchemy.engine import make_url
 
-from entraflow.cli.main import cli
+from cli.main import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each entraflow command a compose service runs, and the test that runs it as a real process.
@@ -68,7 +68,7 @@ def service_command(name: str, port: int) -> list[str]:
     assert command[0] == "entraflow"
     at = command.index("--port")
     command[at + 1] = str(port)
-    return [sys.executable, "-m", "entraflow", *command[1:]]
+    return [sys.executable, "-m", "cli", *command[1:]]
 
 
 def free_port() -> int:
@@ -126,7 +126,7 @@ def test_the_migrate_service_command_brings_an_empty_database_up_to_date(
     command = compose()["services"]["migrate"]["command"]
     env = {**os.environ, "ENTRAFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
     done = subprocess.run(
-        [sys.executable, "-m", "entraflow", *command[1:]],
+        [sys.executable, "-m", "cli", *command[1:]],
         env=env,
         capture_output=True,
         text=True,

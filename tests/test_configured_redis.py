@@ -32,8 +32,8 @@ from cryptography.x509.oid import NameOID
 from flower_process import CREDENTIALS, running_flower
 
 from entraflow.celery_app import celery_config
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import Settings
+from harness.stack import LocalStack
 from models.history import wait_for_event_runs
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS, SANDBOX_CLIENT_ID, SANDBOX_TENANT_ID
 from scheduler.flows import apply_flows

@@ -16,9 +16,9 @@ import requests
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from entraflow.cli import connect as connect_cli
-from entraflow.cli.connect import SignInOptions, sign_in
-from entraflow.cli.main import cli
+from cli import connect as connect_cli
+from cli.connect import SignInOptions, sign_in
+from cli.main import cli
 from entraflow.secrets import SecretBox
 from entraflow.settings import Settings, get_settings
 from models.connections import ConnectionStatus, load_connection

@@ -65,7 +65,7 @@ def idle_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 def entraflow(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "entraflow", *args],
+        [sys.executable, "-m", "cli", *args],
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("ENTRAFLOW_")},
             "ENTRAFLOW_HOME": str(home),

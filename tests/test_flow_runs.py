@@ -10,8 +10,8 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from entraflow.cli.main import cli
-from entraflow.cli.stack import LocalStack
+from cli.main import cli
+from harness.stack import LocalStack
 from models.history import wait_for_run
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
 from sandbox.stats import RouteKind

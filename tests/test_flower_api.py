@@ -11,7 +11,7 @@ import pytest
 import requests
 from flower_process import CREDENTIALS, running_flower
 
-from entraflow.cli.stack import LocalStack
+from harness.stack import LocalStack
 from models.batches import ItemAction, NewItem, batch_view
 from models.history import wait_for_run
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS, SANDBOX_CLIENT_SECRET

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from entraflow.cli.main import cli
-from entraflow.cli.stack import sandbox_environment
+from cli.main import cli
 from entraflow.settings import Settings, get_settings
+from harness.stack import sandbox_environment
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
@@ -272,7 +272,7 @@ def test_the_installed_command_applies_the_examples(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENTRAFLOW_")}
     env["ENTRAFLOW_HOME"] = str(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "entraflow", "flows", "apply", str(EXAMPLE_FLOWS)],
+        [sys.executable, "-m", "cli", "flows", "apply", str(EXAMPLE_FLOWS)],
         env=env,
         capture_output=True,
         text=True,

@@ -10,8 +10,8 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
+from cli.main import cli
 from entraflow import keys
-from entraflow.cli.main import cli
 from entraflow.settings import Settings
 from scheduler.intake import Scheduler
 

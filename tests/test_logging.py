@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis
 
-from entraflow.cli.stack import LocalStack
 from entraflow.logs import JsonFormatter, PlainFormatter, bind, bound, formatter_for
 from entraflow.settings import LogFormat, Settings
+from harness.stack import LocalStack
 from models.db import session_scope
 from models.flows import Flow
 from sandbox.directory import DEMO_USERS, SANDBOX_CLIENT_SECRET

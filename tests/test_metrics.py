@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from entraflow import keys, logs, metrics
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import DEFAULT_WRITES_PER_WINDOW, Settings
+from harness.stack import LocalStack
 from models.db import session_scope
 from models.flows import Flow
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS

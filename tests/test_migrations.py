@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
-from entraflow.cli.main import cli
+from cli.main import cli
 from entraflow.settings import get_settings
 from models import migrations
 from models.db import create_database_engine, forget_engines, get_engine

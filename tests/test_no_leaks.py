@@ -27,12 +27,12 @@ import redis
 import requests
 from sqlalchemy import inspect, text
 
+from cli.connect import SignInOptions, sign_in
 from entraflow import keys
 from entraflow.celery_app import app as celery_app
-from entraflow.cli.connect import SignInOptions, sign_in
-from entraflow.cli.stack import LocalStack
 from entraflow.secrets import SecretBox, generate_key
 from entraflow.settings import Settings, get_settings
+from harness.stack import LocalStack
 from models.connections import load_connection
 from models.db import get_engine
 from models.history import show_run, wait_for_run
@@ -141,7 +141,7 @@ def start_debug_worker(stack: LocalStack) -> subprocess.Popen[bytes]:
     log_path = stack.home / "worker-debug.log"
     with (stack.home / "worker-debug.out").open("ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "entraflow", "worker", "--loglevel=DEBUG", "--concurrency=2",
+            [sys.executable, "-m", "cli", "worker", "--loglevel=DEBUG", "--concurrency=2",
              f"--hostname=leaks-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
              f"--logfile={log_path}"],
             env={**os.environ, **stack.env},
@@ -214,7 +214,7 @@ def stored_tokens(settings: Settings) -> dict[str, str]:
 def cli(stack: LocalStack, *args: str) -> str:
     """A real `entraflow` process's stdout and stderr."""
     done = subprocess.run(
-        [sys.executable, "-m", "entraflow", *args],
+        [sys.executable, "-m", "cli", *args],
         env={**os.environ, **stack.env},
         capture_output=True,
         timeout=CLI_TIMEOUT_S,

@@ -24,8 +24,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import col, select
 
 from entraflow import keys
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import Settings
+from harness.stack import LocalStack
 from models.db import session_scope
 from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun

@@ -10,7 +10,7 @@ import redis
 from click.testing import CliRunner
 from sqlmodel import col, func, select
 
-from entraflow.cli.main import cli
+from cli.main import cli
 from entraflow.settings import Settings, get_settings
 from models.db import session_scope
 from models.flows import AcceptedEvent

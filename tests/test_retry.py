@@ -12,6 +12,7 @@ from worker.errors import (
     ServiceUnavailableError,
     ThrottledError,
     TransientGraphError,
+    parse_retry_after,
 )
 from worker.retry import (
     BACKOFF_JITTER_MAX_S,
@@ -19,7 +20,6 @@ from worker.retry import (
     RETRY_AFTER_JITTER_MAX_S,
     RetryPolicy,
     backoff_s,
-    parse_retry_after,
 )
 
 NOW = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)

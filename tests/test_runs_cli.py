@@ -8,7 +8,7 @@ from datetime import timedelta
 from click.testing import CliRunner
 from sqlmodel import select
 
-from entraflow.cli.main import cli
+from cli.main import cli
 from entraflow.settings import Settings
 from models.db import session_scope
 from models.runs import FlowRun, RunStatus, utcnow

@@ -19,7 +19,7 @@ from kombu import Connection
 from sqlmodel import select
 
 from entraflow import keys
-from entraflow.cli.stack import LocalStack
+from harness.stack import LocalStack
 from models.db import session_scope
 from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun
@@ -87,7 +87,7 @@ def schedulers(
         }
         with (tmp_path / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "entraflow", "scheduler", "--consumer", name],
+                [sys.executable, "-m", "cli", "scheduler", "--consumer", name],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

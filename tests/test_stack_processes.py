@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from entraflow.celery_app import app
-from entraflow.cli.stack import LocalStack
 from entraflow.settings import Settings
+from harness.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

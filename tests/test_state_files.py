@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from entraflow.cli.main import cli
+from cli.main import cli
 from entraflow.home import private_folder, private_home
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.settings import get_settings

@@ -17,8 +17,8 @@ import yaml
 from celery.exceptions import SoftTimeLimitExceeded
 from click.testing import CliRunner
 
+from cli.main import cli
 from entraflow.celery_app import celery_config
-from entraflow.cli.main import cli
 from entraflow.settings import Settings
 from entraflow.template_limits import MAX_OUTPUT_CHARS
 from entraflow.templating import (

@@ -28,9 +28,9 @@ from oauthlib.oauth2 import BackendApplicationClient
 from pydantic import SecretStr, ValidationError
 from requests_oauthlib import OAuth2Session
 
+from cli.main import cli
+from cli.processes import LOOPBACK_ADDRESS, flower_address_arguments
 from entraflow import metrics
-from entraflow.cli.main import cli
-from entraflow.cli.processes import LOOPBACK_ADDRESS, flower_address_arguments
 from entraflow.settings import Settings, get_settings
 from worker.auth import PUBLIC_GRAPH_SCOPE, ClientCredentialsTokenProvider, scope_for_graph
 from worker.errors import AuthenticationError
@@ -248,7 +248,7 @@ def test_every_process_refuses_plain_http_off_loopback_from_dotenv(
     (tmp_path / ".env").write_text(f"{variable}=http://{OFF_LOOPBACK}:8080\n")
 
     finished = subprocess.run(
-        [sys.executable, "-m", "entraflow", *command],
+        [sys.executable, "-m", "cli", *command],
         cwd=tmp_path,
         env=_refusing_environment(tmp_path, redis_url),
         capture_output=True,
@@ -342,7 +342,7 @@ def _unauthenticated_flower(redis_url: str, tmp_path: Path) -> Iterator[int]:
     """`entraflow flower` with no authentication and no address; yields its port."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "entraflow", "flower", f"--port={port}"],
+        [sys.executable, "-m", "cli", "flower", f"--port={port}"],
         cwd=tmp_path,
         env=_flower_environment(redis_url),
         stdout=subprocess.DEVNULL,
@@ -388,7 +388,7 @@ def test_flower_without_authentication_refuses_an_address_off_loopback(
 ) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "entraflow", "flower", f"--port={port}", *arguments],
+        [sys.executable, "-m", "cli", "flower", f"--port={port}", *arguments],
         cwd=tmp_path,
         env=_flower_environment(redis_url, **extra_env),
         stdout=subprocess.PIPE,
@@ -457,7 +457,7 @@ def test_flower_options_are_read_as_flower_reads_them(
         (tmp_path / "flowerconfig.py").write_text(config)
     # Flower keeps its options in one global registry: read them in a process of their own.
     script = (
-        "import sys; from entraflow.cli.processes import flower_options; "
+        "import sys; from cli.processes import flower_options; "
         "print(repr(flower_options(sys.argv[1:])))"
     )
 

@@ -33,8 +33,8 @@ from worker.errors import (
     GraphConnectionError,
     ServiceUnavailableError,
     ThrottledError,
+    parse_retry_after,
 )
-from worker.retry import parse_retry_after
 
 # The public cloud's Graph, and the sandbox's, which stands in for it on loopback. Every other
 # Graph host (the national clouds: graph.microsoft.us, dod-graph.microsoft.us,

@@ -40,8 +40,7 @@ from entraflow.settings import (
     PatchWriteCost,
     Settings,
 )
-from worker.errors import RETRY_AFTER_HEADER, TransientGraphError
-from worker.retry import parse_retry_after
+from worker.errors import RETRY_AFTER_HEADER, TransientGraphError, parse_retry_after
 
 if TYPE_CHECKING:  # the client imports this module to plug a budget in
     from worker.graph import AfterResponse, BeforeRequest

@@ -24,6 +24,9 @@ Secrets and tokens never enter an error, so no message can leak them.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import requests
@@ -198,6 +201,32 @@ class AmbiguousMatchError(PermanentGraphError):
     summary = "ambiguous match"
 
 
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value: seconds (maybe fractional) or an HTTP date."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        return _seconds_until(text, now)
+    if not math.isfinite(seconds):
+        return None
+    return max(seconds, 0.0)
+
+
+def _seconds_until(http_date: str, now: datetime | None) -> float | None:
+    try:
+        when = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110 dates are always GMT; email.utils leaves "-0000" naive.
+        when = when.replace(tzinfo=UTC)
+    delta_s = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(delta_s, 0.0)
+
+
 _ERRORS_BY_STATUS: dict[int, type[GraphError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -209,9 +238,6 @@ _ERRORS_BY_STATUS: dict[int, type[GraphError]] = {
 
 def error_from_response(response: requests.Response) -> GraphError:
     """The error a Graph error response stands for, mapped by status (and two 400 messages)."""
-    # worker.retry imports this module for its exception list, so import it at call time.
-    from worker.retry import parse_retry_after
-
     code, message, body_request_id = _error_envelope(response)
     status = response.status_code
     error_class = _error_class(status, message)

@@ -13,8 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import NoReturn, TypeVar
 
 import tenacity
@@ -65,32 +63,6 @@ def _sleep(wait_s: float) -> None:
             _recorded_waits_s.append(wait_s)
             return
     time.sleep(wait_s)
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` value: seconds (maybe fractional) or an HTTP date."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        return _seconds_until(text, now)
-    if not math.isfinite(seconds):
-        return None
-    return max(seconds, 0.0)
-
-
-def _seconds_until(http_date: str, now: datetime | None) -> float | None:
-    try:
-        when = parsedate_to_datetime(http_date)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        # RFC 9110 dates are always GMT; email.utils leaves "-0000" naive.
-        when = when.replace(tzinfo=UTC)
-    delta_s = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(delta_s, 0.0)
 
 
 def backoff_s(attempt: int) -> float:

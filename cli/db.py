@@ -10,7 +10,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from entraflow.cli.output import fail_json, print_json
+from cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from models import migrations
 from models.db import create_database_engine

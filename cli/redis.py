@@ -7,7 +7,7 @@ from typing import Any
 import click
 import redis
 
-from entraflow.cli.output import print_json
+from cli.output import print_json
 from entraflow.redis_server import (
     SHUTDOWN_TIMEOUT_S,
     WATCHDOG_CLIENT_NAME,

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from entraflow.cli.output import fail_json, print_json
+from cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from models.history import list_runs, prune_history, show_run
 from models.runs import RunStatus, utcnow

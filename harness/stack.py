@@ -201,7 +201,7 @@ class LocalStack:
         self, *args: str, output: IO[bytes] | None = None, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "entraflow", *args],
+            [sys.executable, "-m", "cli", *args],
             env={**os.environ, **self.env, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=output or subprocess.DEVNULL,

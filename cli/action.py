@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from entraflow.cli.output import fail_json, print_json
+from cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from worker.actions import run_action
 from worker.errors import EntraflowError, GraphError

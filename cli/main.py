@@ -7,18 +7,18 @@ import logging
 import click
 from pydantic import ValidationError
 
-from entraflow.cli.action import action
-from entraflow.cli.audit import audit
-from entraflow.cli.batch import batch, group
-from entraflow.cli.connect import connect, connection, disconnect
-from entraflow.cli.db import db
-from entraflow.cli.demo import demo
-from entraflow.cli.events import events
-from entraflow.cli.flows import flows
-from entraflow.cli.processes import flower, sandbox, worker
-from entraflow.cli.redis import redis_group
-from entraflow.cli.runs import runs
-from entraflow.cli.scheduler import scheduler
+from cli.action import action
+from cli.audit import audit
+from cli.batch import batch, group
+from cli.connect import connect, connection, disconnect
+from cli.db import db
+from cli.demo import demo
+from cli.events import events
+from cli.flows import flows
+from cli.processes import flower, sandbox, worker
+from cli.redis import redis_group
+from cli.runs import runs
+from cli.scheduler import scheduler
 from entraflow.logs import configure as configure_logs
 from entraflow.settings import get_settings, settings_problem
 

@@ -8,8 +8,8 @@ from typing import IO, Any
 import click
 import redis
 
+from cli.output import print_json
 from entraflow import keys
-from entraflow.cli.output import print_json
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from scheduler.producer import InvalidEvent, build_event, parse_event, publish_raw

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from entraflow.cli.output import fail_json, print_json
+from cli.output import fail_json, print_json
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings
 from models.batches import (

@@ -113,7 +113,7 @@ def _budget_usage(settings: Settings, client: redis.Redis) -> dict[str, tuple[in
 @click.option("--port", type=int, default=8765, show_default=True)
 def sandbox(host: str, port: int) -> None:
     """Serve the Graph sandbox: a local stand-in for Microsoft Graph and its token endpoint."""
-    from entraflow.cli.stack import sandbox_environment
+    from harness.stack import sandbox_environment
     from sandbox.server import SandboxServer
 
     server = SandboxServer(host=host, port=port)

@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cli.output import fail_json, print_json
 from entraflow.catalogue import ACTIONS
-from entraflow.cli.output import fail_json, print_json
 from entraflow.settings import get_settings
 from entraflow.templating import TemplateProblem, evaluate_condition, render_inputs
 from scheduler.flows import (

@@ -6,8 +6,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from entraflow.cli.output import print_json
-from entraflow.cli.runs import parse_since
+from cli.output import print_json
+from cli.runs import parse_since
 from entraflow.settings import get_settings
 from models.audit import CauseKind, list_audit_entries
 

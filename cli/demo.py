@@ -12,13 +12,15 @@ import click
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
+import entraflow
 from entraflow import keys
 from entraflow.settings import get_settings
 from models.history import wait_for_event_runs
 from scheduler.flows import apply_flows
 from scheduler.producer import publish_raw
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The example flows and events ship inside the entraflow package.
+EXAMPLES = Path(entraflow.__file__).resolve().parent / "examples"
 # How long the demo waits for the runs of its events before calling it failed.
 DEMO_TIMEOUT_S = 120.0
 # An event no flow can use, to show where such events go.
@@ -28,7 +30,7 @@ MALFORMED_EVENT = '{"specversion": "1.0", "type": "hr.employee.hired", "data": {
 @click.command()
 def demo() -> None:
     """Start Redis, the sandbox, a worker and a scheduler; feed the example events; stop."""
-    from entraflow.cli.stack import LocalStack
+    from harness.stack import LocalStack
 
     started = time.monotonic()
     settings = get_settings()
