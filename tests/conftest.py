@@ -1,5 +1,9 @@
 """Shared fixtures: one real Redis and one database for the session, clean for every test.
 
+Unit tests of Redis logic (the budget's Lua scripts, the producer's stream writes) take
+`fake_redis`, an in-process fakeredis; whatever only a server proves (processes, restarts,
+AUTH/TLS, blocking reads, a Celery broker) takes `redis_client` on the real one.
+
 With `ENTRAFLOW_TEST_REDIS_URL` / `ENTRAFLOW_TEST_DATABASE_URL` set (CI sets them to this
 machine's Redis and PostgreSQL) the suite uses those; without them it starts the embedded Redis
 and uses SQLite files, as on a fresh machine.
@@ -11,6 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakeredis
 import pytest
 import redis
 from sqlmodel import SQLModel
@@ -72,6 +77,15 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[redis.Redis]:
+    """An empty in-process Redis of the test's own, with Lua (fakeredis): no server involved."""
+    # A server of its own: fakeredis clients made alike would otherwise share one.
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield client
     client.close()
 
 

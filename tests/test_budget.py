@@ -1,4 +1,8 @@
-"""The shared Graph budget on a real Redis: accounting, corrections, pauses, slowdown, priority."""
+"""The shared Graph budget on fakeredis: accounting, corrections, pauses, slowdown, priority.
+
+fakeredis runs the budget's Lua scripts in-process (lupa); the budget across real worker
+processes on a real server is `test_budget_processes.py`.
+"""
 
 from __future__ import annotations
 
@@ -45,10 +49,10 @@ def clock() -> FakeClock:
 
 
 def new_budget(
-    redis_client: redis.Redis, clock: FakeClock, tenant_id: str = TENANT_ID, **limits: Any
+    fake_redis: redis.Redis, clock: FakeClock, tenant_id: str = TENANT_ID, **limits: Any
 ) -> Budget:
     """A budget on the test's Redis whose waits move the fake clock instead of sleeping."""
-    return Budget(redis_client, APP_ID, tenant_id, clock=clock, sleep=clock.sleep, **limits)
+    return Budget(fake_redis, APP_ID, tenant_id, clock=clock, sleep=clock.sleep, **limits)
 
 
 def new_client(
@@ -94,9 +98,9 @@ def test_a_members_patch_is_estimated_at_twenty_writes_when_graph_charges_per_me
 
 
 def test_every_request_takes_its_cost_from_the_budget(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock)
     transport = FakeTransport([Reply(200, {"value": []}), Reply(204)])
     client = new_client(budget, transport)
 
@@ -107,9 +111,9 @@ def test_every_request_takes_its_cost_from_the_budget(
 
 
 def test_graphs_resource_unit_header_corrects_the_estimate(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock)
     transport = FakeTransport([Reply(200, {"id": UID}, {"x-ms-resource-unit": "5"})])
 
     new_client(budget, transport).request("GET", f"/users/{UID}", params={"$select": "id"})
@@ -118,9 +122,9 @@ def test_graphs_resource_unit_header_corrects_the_estimate(
 
 
 def test_a_request_graph_refused_without_charging_is_refunded(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock)
     refused = graph_error(
         429, "TooManyRequests", headers={"Retry-After": "1", "x-ms-resource-unit": "0"}
     )
@@ -133,9 +137,9 @@ def test_a_request_graph_refused_without_charging_is_refunded(
 
 
 def test_a_members_patch_counts_the_members_it_bound_when_graph_charges_per_member(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, patch_write_cost=PatchWriteCost.MEMBER)
+    budget = new_budget(fake_redis, clock, patch_write_cost=PatchWriteCost.MEMBER)
     binds = [f"{GRAPH_URL}/directoryObjects/{UID}"] * 3
     client = new_client(budget, FakeTransport([Reply(204, headers={"x-ms-resource-unit": "1"})]))
 
@@ -145,9 +149,9 @@ def test_a_members_patch_counts_the_members_it_bound_when_graph_charges_per_memb
 
 
 def test_a_batch_is_charged_for_its_parts_and_a_throttled_part_pauses_every_worker(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock)
     parts = [
         {"id": str(n), "method": "DELETE", "url": f"/groups/{GID}/members/{UID}/$ref"}
         for n in range(3)
@@ -165,19 +169,19 @@ def test_a_batch_is_charged_for_its_parts_and_a_throttled_part_pauses_every_work
     new_client(budget, transport).request("POST", "/$batch", json={"requests": parts})
 
     assert budget.usage() == Cost(ru=2, writes=2)
-    other_worker = new_budget(redis_client, clock)
+    other_worker = new_budget(fake_redis, clock)
     other_worker.acquire(WRITE)
     assert sum(clock.slept) == pytest.approx(2.0)
 
 
 def test_a_429_pauses_every_worker_for_its_retry_after(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
     throttled = graph_error(
         429, "TooManyRequests", headers={"Retry-After": "2", "x-ms-throttle-scope": WRITE_SCOPE}
     )
-    told = new_client(new_budget(redis_client, clock), FakeTransport([throttled]))
-    other_worker = new_budget(redis_client, clock)
+    told = new_client(new_budget(fake_redis, clock), FakeTransport([throttled]))
+    other_worker = new_budget(fake_redis, clock)
 
     with pytest.raises(ThrottledError):
         told.request("POST", f"/groups/{GID}/members/$ref", json={})
@@ -191,31 +195,31 @@ def test_a_429_pauses_every_worker_for_its_retry_after(
 
 
 def test_an_application_scoped_429_pauses_the_app_in_every_tenant(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    new_budget(redis_client, clock).pause(3.0, f"Application/ReadWrite/{APP_ID}/{TENANT_ID}")
+    new_budget(fake_redis, clock).pause(3.0, f"Application/ReadWrite/{APP_ID}/{TENANT_ID}")
 
-    new_budget(redis_client, clock, tenant_id=OTHER_TENANT_ID).acquire(READ)
+    new_budget(fake_redis, clock, tenant_id=OTHER_TENANT_ID).acquire(READ)
 
     assert sum(clock.slept) == pytest.approx(3.0)
 
 
 def test_a_429_without_scope_or_retry_after_still_pauses_everyone(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    told = new_client(new_budget(redis_client, clock), FakeTransport([graph_error(429, "x")]))
+    told = new_client(new_budget(fake_redis, clock), FakeTransport([graph_error(429, "x")]))
 
     with pytest.raises(ThrottledError):
         told.request("GET", f"/users/{UID}")
-    new_budget(redis_client, clock).acquire(READ)
+    new_budget(fake_redis, clock).acquire(READ)
 
     assert sum(clock.slept) > 0
 
 
 def test_a_wait_longer_than_a_worker_sleeps_is_handed_back_in_seconds(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, max_wait_s=5.0)
+    budget = new_budget(fake_redis, clock, max_wait_s=5.0)
     budget.pause(30.0)
 
     with pytest.raises(BudgetExhaustedError) as raised:
@@ -225,10 +229,23 @@ def test_a_wait_longer_than_a_worker_sleeps_is_handed_back_in_seconds(
     assert clock.slept == []
 
 
-def test_a_client_hands_a_long_budget_wait_back_to_its_caller(
-    redis_client: redis.Redis, clock: FakeClock
+def test_a_shorter_pause_never_cuts_a_longer_one_short(
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock, max_wait_s=5.0)
+    budget.pause(30.0)
+    new_budget(fake_redis, clock).pause(1.0)
+
+    with pytest.raises(BudgetExhaustedError) as raised:
+        budget.acquire(READ)
+
+    assert raised.value.retry_after_s == pytest.approx(30.0)
+
+
+def test_a_client_hands_a_long_budget_wait_back_to_its_caller(
+    fake_redis: redis.Redis, clock: FakeClock
+) -> None:
+    budget = new_budget(fake_redis, clock)
     budget.pause(30.0)
     before, after = budget_hooks(budget)
     transport = FakeTransport([])
@@ -248,9 +265,9 @@ def test_a_client_hands_a_long_budget_wait_back_to_its_caller(
 
 
 def test_a_spent_budget_waits_until_the_oldest_unit_leaves_the_window(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, writes_per_window=3, write_window_s=4.0)
+    budget = new_budget(fake_redis, clock, writes_per_window=3, write_window_s=4.0)
     for _ in range(3):
         budget.acquire(WRITE)
         clock.advance(0.5)
@@ -262,9 +279,9 @@ def test_a_spent_budget_waits_until_the_oldest_unit_leaves_the_window(
 
 
 def test_low_priority_work_leaves_headroom_for_interactive_requests(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, ru_per_window=10, low_priority_share=0.9)
+    budget = new_budget(fake_redis, clock, ru_per_window=10, low_priority_share=0.9)
     for _ in range(9):
         budget.acquire(READ, Priority.LOW)
 
@@ -277,12 +294,12 @@ def test_low_priority_work_leaves_headroom_for_interactive_requests(
 
 
 def test_graph_counting_more_than_we_sent_slows_every_worker_down(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, ru_per_window=100)
+    budget = new_budget(fake_redis, clock, ru_per_window=100)
     warned = Reply(200, {"id": UID}, {"x-ms-throttle-limit-percentage": "0.90"})
     new_client(budget, FakeTransport([warned])).request("GET", f"/users/{UID}")
-    other_worker = new_budget(redis_client, clock, ru_per_window=100)
+    other_worker = new_budget(fake_redis, clock, ru_per_window=100)
 
     # We sent 1% of the budget, Graph counts 90%: 89% is someone else's; about 11% is left.
     other_worker.acquire(Cost(10))
@@ -291,9 +308,9 @@ def test_graph_counting_more_than_we_sent_slows_every_worker_down(
 
 
 def test_graph_counting_what_we_sent_does_not_slow_us_down(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock, ru_per_window=100)
+    budget = new_budget(fake_redis, clock, ru_per_window=100)
     budget.acquire(Cost(84))
     warned = Reply(200, {"id": UID}, {"x-ms-throttle-limit-percentage": "0.85"})
     new_client(budget, FakeTransport([warned])).request("GET", f"/users/{UID}")
@@ -304,13 +321,13 @@ def test_graph_counting_what_we_sent_does_not_slow_us_down(
 
 
 def test_the_budget_lives_in_redis_under_the_app_and_tenant(
-    redis_client: redis.Redis, clock: FakeClock
+    fake_redis: redis.Redis, clock: FakeClock
 ) -> None:
-    budget = new_budget(redis_client, clock)
+    budget = new_budget(fake_redis, clock)
     budget.acquire(WRITE)
     budget.pause(1.0, WRITE_SCOPE)
 
-    stored = {key.decode() if isinstance(key, bytes) else key for key in redis_client.keys("*")}
+    stored = {key.decode() if isinstance(key, bytes) else key for key in fake_redis.keys("*")}
     assert stored == {
         keys.graph_usage_log(APP_ID, TENANT_ID, "ru"),
         keys.graph_usage_log(APP_ID, TENANT_ID, "writes"),
@@ -319,8 +336,8 @@ def test_the_budget_lives_in_redis_under_the_app_and_tenant(
     assert all(f"{{{APP_ID}}}:{TENANT_ID}:" in key for key in stored)
 
 
-def test_the_redis_clock_is_used_when_none_is_given(redis_client: redis.Redis) -> None:
-    budget = Budget(redis_client, APP_ID, TENANT_ID, ru_per_window=1)
+def test_the_redis_clock_is_used_when_none_is_given(fake_redis: redis.Redis) -> None:
+    budget = Budget(fake_redis, APP_ID, TENANT_ID, ru_per_window=1)
     budget.acquire(READ)
 
     with pytest.raises(BudgetExhaustedError) as raised:
@@ -329,9 +346,9 @@ def test_the_redis_clock_is_used_when_none_is_given(redis_client: redis.Redis) -
     assert raised.value.retry_after_s == pytest.approx(10.0 + WINDOW_MARGIN_S, abs=0.5)
 
 
-def test_a_budget_from_settings_needs_the_app_and_tenant(redis_client: redis.Redis) -> None:
+def test_a_budget_from_settings_needs_the_app_and_tenant(fake_redis: redis.Redis) -> None:
     configured = Settings(client_id=APP_ID, tenant_id=TENANT_ID, writes_per_window=7)
 
-    assert Budget.from_settings(redis_client, configured).writes_per_window == 7
+    assert Budget.from_settings(fake_redis, configured).writes_per_window == 7
     with pytest.raises(ValueError, match="ENTRAFLOW_CLIENT_ID"):
-        Budget.from_settings(redis_client, Settings(client_id=None, tenant_id=None))
+        Budget.from_settings(fake_redis, Settings(client_id=None, tenant_id=None))

@@ -57,6 +57,8 @@ HUGE_DIGITS = 5000
 ATTACK_DEPTH = 980
 # Upper bound on every wait of the process test.
 WAIT_S = 60.0
+# A scheduler thread's blocking read: the test's stop request waits out at most one.
+READ_BLOCK_MS = 50
 
 
 def event_json(*, marker: str = "", data: dict[str, Any] | None = None, **attributes: Any) -> str:
@@ -437,6 +439,7 @@ def test_run_forever_carries_on_after_an_unexpected_error(
 
     monkeypatch.setattr(scheduler, where, fails_once)
     monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(intake, "READ_BLOCK_MS", READ_BLOCK_MS)
     push(redis_client, good_event("good"))
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -471,6 +474,7 @@ def test_housekeeping_failing_again_and_again_never_keeps_events_waiting(
 
     monkeypatch.setattr(scheduler, "housekeeping", always_times_out)
     monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(intake, "READ_BLOCK_MS", READ_BLOCK_MS)
     push(redis_client, good_event("good"))
     stop = threading.Event()
     thread = threading.Thread(target=scheduler.run_forever, args=(stop,))

@@ -14,16 +14,16 @@ from entraflow import keys
 from scheduler.producer import InvalidEvent, build_event, parse_event, publish_event, publish_raw
 
 
-def stream(redis_client: redis.Redis) -> list[dict[str, Any]]:
-    entries: Any = redis_client.xrange(keys.EVENTS_STREAM)
+def stream(fake_redis: redis.Redis) -> list[dict[str, Any]]:
+    entries: Any = fake_redis.xrange(keys.EVENTS_STREAM)
     return [json.loads(fields[b"event"]) for _, fields in entries]
 
 
 def test_publish_event_adds_a_structured_cloudevent_and_returns_its_id(
-    redis_client: redis.Redis,
+    fake_redis: redis.Redis,
 ) -> None:
     event_id = publish_event(
-        redis_client,
+        fake_redis,
         type="hr.employee.hired",
         source="hr/workday",
         data={"user_id": "u1", "department": "Sales"},
@@ -31,7 +31,7 @@ def test_publish_event_adds_a_structured_cloudevent_and_returns_its_id(
         tenant="contoso",
     )
 
-    [event] = stream(redis_client)
+    [event] = stream(fake_redis)
     assert event_id == event["id"] and uuid.UUID(event_id).version == 4
     assert event["specversion"] == "1.0"
     assert (event["type"], event["source"], event["subject"]) == (
@@ -45,17 +45,17 @@ def test_publish_event_adds_a_structured_cloudevent_and_returns_its_id(
     assert datetime.fromisoformat(event["time"]).tzinfo is not None
 
 
-def test_a_given_id_is_kept(redis_client: redis.Redis) -> None:
-    assert publish_event(redis_client, type="t", source="s", id="evt-7") == "evt-7"
-    assert stream(redis_client)[0]["id"] == "evt-7"
+def test_a_given_id_is_kept(fake_redis: redis.Redis) -> None:
+    assert publish_event(fake_redis, type="t", source="s", id="evt-7") == "evt-7"
+    assert stream(fake_redis)[0]["id"] == "evt-7"
 
 
-def test_publish_raw_returns_the_stream_id(redis_client: redis.Redis) -> None:
+def test_publish_raw_returns_the_stream_id(fake_redis: redis.Redis) -> None:
     raw = json.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": "t"})
 
-    stream_id = publish_raw(redis_client, raw)
+    stream_id = publish_raw(fake_redis, raw)
 
-    [(entry_id, fields)] = redis_client.xrange(keys.EVENTS_STREAM)
+    [(entry_id, fields)] = fake_redis.xrange(keys.EVENTS_STREAM)
     assert entry_id.decode() == stream_id
     assert fields == {b"event": raw.encode()}
 
@@ -70,17 +70,17 @@ def test_publish_raw_returns_the_stream_id(redis_client: redis.Redis) -> None:
     ],
 )
 def test_publish_raw_refuses_an_invalid_event_and_pushes_nothing(
-    redis_client: redis.Redis, raw: str, reason: str
+    fake_redis: redis.Redis, raw: str, reason: str
 ) -> None:
     with pytest.raises(InvalidEvent, match=reason):
-        publish_raw(redis_client, raw)
-    assert redis_client.exists(keys.EVENTS_STREAM) == 0
+        publish_raw(fake_redis, raw)
+    assert fake_redis.exists(keys.EVENTS_STREAM) == 0
 
 
-def test_an_event_over_the_cap_is_refused_before_sending(redis_client: redis.Redis) -> None:
+def test_an_event_over_the_cap_is_refused_before_sending(fake_redis: redis.Redis) -> None:
     with pytest.raises(InvalidEvent, match="the limit is 262144"):
-        publish_event(redis_client, type="t", source="s", data={"blob": "x" * 300_000})
-    assert redis_client.exists(keys.EVENTS_STREAM) == 0
+        publish_event(fake_redis, type="t", source="s", data={"blob": "x" * 300_000})
+    assert fake_redis.exists(keys.EVENTS_STREAM) == 0
 
 
 @pytest.mark.parametrize("name", ["Tenant", "trace-id", "specversion"])

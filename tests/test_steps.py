@@ -41,9 +41,9 @@ STEPS = [
 
 
 @pytest.fixture
-def lock_redis(redis_client: redis.Redis) -> redis.Redis:
-    # Step locks are Lua scripts: the session's real Redis runs them.
-    return redis_client
+def lock_redis(fake_redis: redis.Redis) -> redis.Redis:
+    # Step locks are redis-py Lua scripts: fakeredis runs them (lupa) without a server.
+    return fake_redis
 
 
 @pytest.fixture
