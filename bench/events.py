@@ -34,6 +34,7 @@ from sqlmodel import col, select
 
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.db import session_scope
 from models.runs import FlowRun, RunStatus
 from sandbox.app import SandboxApp
@@ -89,14 +90,6 @@ def send_paced(
     return sent_s
 
 
-def wait_until(done: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + FINISH_TIMEOUT_S
-    while not done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 class GraphClock:
     """Notes when the sandbox first heard of each bulk user: the first Graph request of a run."""
 
@@ -148,7 +141,9 @@ def entraflow_phase(
             raise RuntimeError(f"runs failed: {failed[:5]}")
         return {e: f.timestamp() for e, f, s in rows if e and f and s == RunStatus.SUCCEEDED}
 
-    wait_until(lambda: len(finished()) == len(upns), "entraflow runs did not finish")
+    wait_until(
+        lambda: len(finished()) == len(upns), "entraflow runs to finish", timeout_s=FINISH_TIMEOUT_S
+    )
     client.close()
     return Phase(sent_s, {upn: clock.first_s[upn] for upn in upns}, finished())
 
@@ -166,7 +161,8 @@ def noop_phase(redis_url: str, batch: str, count: int, rate_per_s: float | None)
     sent_s = send_paced(keys, rate_per_s, send)
     wait_until(
         lambda: sum(client.hexists(FINISHED_KEY, k) for k in keys) == count,
-        "no-op chains did not finish",
+        "no-op chains to finish",
+        timeout_s=FINISH_TIMEOUT_S,
     )
     started = {k: float(str(v)) for k, v in zip(keys, client.hmget(STARTED_KEY, keys), strict=True)}
     ended = {k: float(str(v)) for k, v in zip(keys, client.hmget(FINISHED_KEY, keys), strict=True)}

