@@ -34,6 +34,7 @@ from chaos.harness import (
     fail_check,
     wait_for,
 )
+from cli.sign_in import begin_sign_in, finish_sign_in
 from entraflow.secrets import SecretBox, generate_key
 from harness.stack import PROCESS_STOP_TIMEOUT_S, LocalStack
 from models.audit import AuditEntry
@@ -43,12 +44,7 @@ from models.db import session_scope
 from models.runs import FlowRun, RunStatus, StepRun
 from sandbox.authorize import DEFAULT_ACCOUNT_UPN
 from sandbox.directory import DEMO_GROUPS, SANDBOX_CLIENT_ID, SANDBOX_TENANT_ID, bulk_user_id
-from worker.connections import (
-    CONNECTION_RECHECK_S,
-    RECONNECT_HINT,
-    begin_sign_in,
-    finish_sign_in,
-)
+from worker.tokens import CONNECTION_RECHECK_S, RECONNECT_HINT
 
 # Both parts add to this group; no other scenario of the suite writes to it at the same time.
 GROUP = DEMO_GROUPS["sales"].id

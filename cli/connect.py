@@ -11,19 +11,18 @@ import json
 import os
 import stat
 import sys
-import threading
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 from pydantic import SecretStr
 
+from cli.redirect_listener import RedirectListener
+from cli.sign_in import begin_sign_in, connect_app, finish_sign_in
 from entraflow.secrets import SecretBox, SecretKeyError, generate_key
 from entraflow.settings import Settings, get_settings
 from models.connections import (
@@ -33,26 +32,20 @@ from models.connections import (
     load_connection,
     reencrypt_connection,
 )
-from worker.auth import (
+from worker.errors import EntraflowError, ForbiddenError, GraphError, NotFoundError
+from worker.graph import GraphClient
+from worker.permissions import (
     LEAST_PRIVILEGE_BY_ACTION,
     OFFLINE_ACCESS,
     delegated_scopes,
     permission_name,
     review_scopes,
 )
-from worker.connections import begin_sign_in, connect_app, finish_sign_in
-from worker.errors import EntraflowError, ForbiddenError, GraphError, NotFoundError
-from worker.graph import GraphClient
 
-LOOPBACK_HOST = "127.0.0.1"
-# Entra accepts a loopback redirect on any port when the app registers `http://localhost`.
-REDIRECT_HOST = "localhost"
 # Where the browser goes with --paste: nothing listens, the admin copies the address bar.
 PASTE_REDIRECT_URI = "http://localhost"
 # How long `connect` waits for the browser to come back, in seconds.
 DEFAULT_SIGN_IN_TIMEOUT_S = 300.0
-# The listener checks this often whether the wait is over, in seconds.
-LISTENER_POLL_S = 0.5
 # Entra's client secrets are about 40 characters; a file far larger is not one.
 MAX_SECRET_FILE_BYTES = 4096
 # Permission bits that let anyone but the owner read or change a secret file.
@@ -78,61 +71,6 @@ class SignInOptions:
     redirect_uri: str | None = None
     timeout_s: float = DEFAULT_SIGN_IN_TIMEOUT_S
     paste: bool = False
-
-
-class RedirectListener:
-    """Waits on 127.0.0.1 for the one browser request that carries the authorization code."""
-
-    def __init__(self, port: int = 0) -> None:
-        received: list[str] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                query = urlsplit(self.path).query
-                if "state=" in query:
-                    received.append(self.path)
-                    text = "entraflow received the sign-in. You can close this tab."
-                else:  # a favicon or a probe: not the redirect
-                    text = "entraflow is waiting for the sign-in redirect."
-                body = f"<!DOCTYPE html><html><body><p>{text}</p></body></html>".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Say nothing: the request line carries the authorization code."""
-
-        self._received = received
-        self._server = HTTPServer((LOOPBACK_HOST, port), Handler)
-        self._server.timeout = LISTENER_POLL_S
-
-    @property
-    def redirect_uri(self) -> str:
-        """The redirect URI to send Entra."""
-        return f"http://{REDIRECT_HOST}:{self._server.server_address[1]}/"
-
-    def wait(self, timeout_s: float) -> str:
-        """The redirect URL the browser brought back; ClickException after `timeout_s`."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout_s, deadline.set)
-        timer.start()
-        try:
-            while not self._received and not deadline.is_set():
-                self._server.handle_request()
-        finally:
-            timer.cancel()
-        if not self._received:
-            raise click.ClickException(
-                f"no sign-in came back within {timeout_s:g} s: run `entraflow connect` again "
-                "(or with --paste)"
-            )
-        return self.redirect_uri.rstrip("/") + self._received[0]
-
-    def close(self) -> None:
-        """Release the port."""
-        self._server.server_close()
 
 
 def sign_in(

@@ -15,7 +15,7 @@ from entraflow.celery_app import app
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings, is_loopback_host
 from worker.budget import RU_BUDGET, WRITES_BUDGET, Budget
-from worker.connections import connection_identity
+from worker.tokens import connection_identity
 
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 # Under ENTRAFLOW_HOME: the files a worker's processes keep their metrics in.

@@ -103,7 +103,7 @@ class AuditEntry(SQLModel, table=True):
 
 def current_actor(session: Session, *, client_id: str | None, tenant_id: str | None) -> Actor:
     """The stored connection as an actor, or else the app-only one the settings name."""
-    # The same choice worker.connections makes for the token it sends.
+    # The same choice worker.tokens makes for the token it sends.
     stored = session.get(Connection, ACTIVE_CONNECTION_ID)
     if stored is None:
         return Actor(ConnectionKind.APP.value, client_id, tenant_id)

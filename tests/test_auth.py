@@ -15,7 +15,6 @@ from pydantic import SecretStr
 from requests_oauthlib import OAuth2Session
 
 from entraflow.settings import Settings
-from worker.auth import ClientCredentialsTokenProvider, scope_for_graph
 from worker.errors import (
     AuthenticationError,
     GraphConnectionError,
@@ -23,6 +22,8 @@ from worker.errors import (
     ThrottledError,
     TransientGraphError,
 )
+from worker.permissions import scope_for_graph
+from worker.tokens import ClientCredentialsTokenProvider
 
 AUTHORITY = "https://login.microsoftonline.com"
 TENANT = "contoso.onmicrosoft.com"

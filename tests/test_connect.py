@@ -14,11 +14,15 @@ import pytest
 import redis
 import requests
 from click.testing import CliRunner
+from fake_transport import FakeTransport, Reply
+from oauthlib.oauth2 import WebApplicationClient
+from requests_oauthlib import OAuth2Session
 from sqlalchemy import text
 
 from cli import connect as connect_cli
 from cli.connect import SignInOptions, sign_in
 from cli.main import cli
+from cli.sign_in import begin_sign_in, finish_sign_in
 from entraflow.secrets import SecretBox
 from entraflow.settings import Settings, get_settings
 from models.connections import ConnectionStatus, load_connection
@@ -30,13 +34,14 @@ from sandbox.directory import (
     SANDBOX_TENANT_ID,
 )
 from sandbox.server import SandboxServer
-from worker.connections import DelegatedTokenProvider, begin_sign_in, finish_sign_in
-from worker.errors import AuthenticationError
+from worker.errors import AuthenticationError, GraphError, ServiceUnavailableError
 from worker.graph import GraphClient
+from worker.tokens import DelegatedTokenProvider
 
 SERVICE_ACCOUNT = DEMO_USERS["svc"].upn
 # How many workers refresh at once in the concurrency test.
 WORKERS = 8
+TRACE_ID = re.compile(r"[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}")
 
 
 def play_user(url: str) -> threading.Thread:
@@ -165,6 +170,28 @@ def test_a_redirect_with_another_state_is_refused_before_redeeming(
 
     assert sandbox_server.app.oauth_stats()["codes_redeemed"] == 0
     assert load_connection(entra.resolved_database_url) is None
+
+
+def test_a_code_redeemed_twice_is_refused_with_entras_trace_id_and_a_reconnect_hint(
+    entra: Settings,
+) -> None:
+    pending = begin_sign_in(
+        entra,
+        tenant_id=SANDBOX_TENANT_ID,
+        client_id=SANDBOX_CLIENT_ID,
+        redirect_uri="http://localhost:1/",
+    )
+    redirect = redirect_of(pending.url)
+    box = SecretBox.from_settings(entra)
+    finish_sign_in(entra, pending, redirect, client_secret=None, box=box)
+
+    with pytest.raises(AuthenticationError) as raised:
+        finish_sign_in(entra, pending, redirect, client_secret=None, box=box)
+
+    assert raised.value.message == (
+        "token request refused: invalid_grant (AADSTS54005): run `entraflow connect` again"
+    )
+    assert raised.value.request_id and TRACE_ID.fullmatch(raised.value.request_id)
 
 
 def test_missing_and_extra_scopes_are_reported_and_checked(
@@ -407,8 +434,11 @@ def test_a_revoked_refresh_token_breaks_the_connection_and_later_calls_fail_fast
         entra, SecretBox.from_settings(entra), redis_client, clock=lambda: later(hours=2)
     )
 
-    with pytest.raises(AuthenticationError, match=r"broken.*AADSTS50173.*entraflow connect"):
+    with pytest.raises(
+        AuthenticationError, match=r"broken.*AADSTS50173.*entraflow connect"
+    ) as raised:
         tokens.token()
+    assert raised.value.request_id and TRACE_ID.fullmatch(raised.value.request_id)
     token_requests = sandbox_server.app.stats()["requests"]["POST"]["token"]
     with pytest.raises(AuthenticationError, match="broken"):
         tokens.token()
@@ -421,6 +451,65 @@ def test_a_revoked_refresh_token_breaks_the_connection_and_later_calls_fail_fast
     assert stored.access_token_ciphertext is None
     shown = json.loads(CliRunner().invoke(cli, ["connection", "show", "--json"]).output)
     assert shown["status"] == "broken" and "AADSTS50173" in shown["broken_reason"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "error_class", "expected", "trace_id"),
+    [
+        (
+            Reply(
+                401,
+                {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000222: The provided client secret keys are "
+                    "expired. Trace ID: 0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b Correlation ID: x",
+                },
+            ),
+            AuthenticationError,
+            "token request refused: invalid_client (AADSTS7000222): "
+            "ENTRAFLOW_CLIENT_SECRET has expired: create a new one",
+            "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b",
+        ),
+        (
+            Reply(400, {"error": "temporarily_unavailable"}),
+            ServiceUnavailableError,
+            "token endpoint unavailable: temporarily_unavailable",
+            None,
+        ),
+        (Reply(503, body=b"<html/>"), ServiceUnavailableError, "token endpoint unavailable", None),
+    ],
+)
+def test_a_refused_refresh_is_translated_like_a_client_credentials_one(
+    entra: Settings,
+    redis_client: redis.Redis,
+    reply: Reply,
+    error_class: type[GraphError],
+    expected: str,
+    trace_id: str | None,
+) -> None:
+    connect_by_paste(entra)
+    transport = FakeTransport([reply])
+
+    def session_factory(client: WebApplicationClient) -> OAuth2Session:
+        session = OAuth2Session(client=client)
+        transport.mount_on(session)
+        return session
+
+    tokens = DelegatedTokenProvider(
+        entra,
+        SecretBox.from_settings(entra),
+        redis_client,
+        session_factory=session_factory,
+        clock=lambda: later(hours=2),
+    )
+
+    with pytest.raises(error_class) as raised:
+        tokens.token()
+
+    assert (raised.value.message, raised.value.request_id) == (expected, trace_id)
+    assert transport.requests[0].form()["grant_type"] == "refresh_token"
+    stored = load_connection(entra.resolved_database_url)
+    assert stored is not None and stored.status is ConnectionStatus.CONNECTED
 
 
 def test_no_token_or_secret_reaches_the_logs(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
 
 import pytest
 from fake_transport import Reply, graph_error, make_response
@@ -22,7 +25,7 @@ from worker.errors import (
     ServiceUnavailableError,
     ThrottledError,
     TransientGraphError,
-    error_from_response,
+    error_from_answer,
 )
 
 ALREADY_MEMBER = (
@@ -30,6 +33,57 @@ ALREADY_MEMBER = (
     "properties: 'members'."
 )
 NOT_REPLICATED = "One or more of the objects being referenced don't exist."
+
+# The statuses with a class of their own; any other 5xx is Graph's trouble, any other status
+# from 300 up (redirects are refused too) a permanent refusal.
+CLASS_BY_STATUS: dict[int, type[GraphError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: ForbiddenError,
+    404: NotFoundError,
+    429: ThrottledError,
+}
+NON_SUCCESS_STATUSES = [status for status in HTTPStatus if status >= 300]
+
+
+def from_response(reply: Reply) -> GraphError:
+    """The error for `reply` answered as a whole HTTP response, as the Graph client reads it."""
+    response = make_response(reply)
+    return error_from_answer(
+        response.status_code, response.headers, response.content, response.reason
+    )
+
+
+def from_batch_part(reply: Reply, spell: Callable[[str], str] = str.lower) -> GraphError:
+    """The error for `reply` answered as a `$batch` part: parsed body, headers in `spell` case."""
+    part: dict[str, Any] = {
+        "status": reply.status,
+        "headers": {spell(name): value for name, value in reply.headers.items()},
+        "body": reply.json,
+    }
+    return error_from_answer(part["status"], part["headers"], part["body"])
+
+
+@pytest.mark.parametrize("status", NON_SUCCESS_STATUSES, ids=lambda status: str(status.value))
+@pytest.mark.parametrize("shape", [from_response, from_batch_part])
+def test_every_status_maps_to_its_class_as_a_response_and_as_a_batch_part(
+    status: HTTPStatus, shape: Callable[[Reply], GraphError]
+) -> None:
+    reply = graph_error(
+        status, "SomeCode", "Some message.", request_id="r-1", headers={"Retry-After": "3"}
+    )
+    default = ServiceUnavailableError if status >= 500 else PermanentGraphError
+
+    error = shape(reply)
+
+    assert type(error) is CLASS_BY_STATUS.get(status, default)
+    assert (error.status, error.code, error.message, error.request_id, error.retry_after_s) == (
+        status,
+        "SomeCode",
+        "Some message.",
+        "r-1",
+        3.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,10 +103,16 @@ NOT_REPLICATED = "One or more of the objects being referenced don't exist."
         (504, "GatewayTimeout", "Timed out.", ServiceUnavailableError, "unavailable"),
     ],
 )  # fmt: skip
-def test_every_status_maps_to_its_class_and_outcome(
-    status: int, code: str, message: str, error_class: type[GraphError], outcome: str
+@pytest.mark.parametrize("shape", [from_response, from_batch_part])
+def test_graphs_answers_map_to_their_class_and_outcome(
+    status: int,
+    code: str,
+    message: str,
+    error_class: type[GraphError],
+    outcome: str,
+    shape: Callable[[Reply], GraphError],
 ) -> None:
-    error = error_from_response(make_response(graph_error(status, code, message)))
+    error = shape(graph_error(status, code, message))
 
     assert type(error) is error_class
     assert (error.status, error.code, error.message, error.outcome) == (
@@ -61,6 +121,28 @@ def test_every_status_maps_to_its_class_and_outcome(
         message,
         outcome,
     )
+
+
+@pytest.mark.parametrize("spell", [str.lower, str.upper, str.title])
+def test_a_batch_parts_headers_are_read_in_any_case(spell: Callable[[str], str]) -> None:
+    envelope = {"error": {"code": "TooManyRequests", "message": "Slow down."}}
+    reply = Reply(429, envelope, {"Retry-After": "7", "request-id": "header-id"})
+
+    from_part = from_batch_part(reply, spell)
+
+    assert from_part.to_dict() == from_response(reply).to_dict()
+    assert (type(from_part), from_part.retry_after_s, from_part.request_id) == (
+        ThrottledError,
+        7.0,
+        "header-id",
+    )
+
+
+@pytest.mark.parametrize("body", [None, "", "not JSON", ["a", "list"], {"no": "envelope"}])
+def test_a_batch_part_without_graphs_envelope_is_mapped_by_its_status(body: Any) -> None:
+    error = error_from_answer(503, {}, body)
+
+    assert (type(error), error.message, error.code) == (ServiceUnavailableError, "HTTP 503", None)
 
 
 @pytest.mark.parametrize(
@@ -84,9 +166,7 @@ def test_errors_are_transient_or_permanent(error_class: type[GraphError], transi
 
 
 def test_codes_decide_nothing_the_message_only_tells_the_two_documented_400s_apart() -> None:
-    error = error_from_response(
-        make_response(graph_error(404, "Request_BadRequest", ALREADY_MEMBER))
-    )
+    error = from_response(graph_error(404, "Request_BadRequest", ALREADY_MEMBER))
 
     assert type(error) is NotFoundError
 
@@ -95,13 +175,13 @@ def test_request_id_comes_from_the_body_before_the_header() -> None:
     reply = graph_error(404, "Request_ResourceNotFound", "gone", request_id="body-id")
     with_header = Reply(reply.status, reply.json, {"request-id": "header-id"})
 
-    assert error_from_response(make_response(with_header)).request_id == "body-id"
+    assert from_response(with_header).request_id == "body-id"
 
 
 def test_request_id_falls_back_to_the_header() -> None:
     reply = Reply(503, None, {"request-id": "header-id"}, body=b"<html>down</html>")
 
-    error = error_from_response(make_response(reply))
+    error = from_response(reply)
 
     assert (type(error), error.request_id, error.code) == (
         ServiceUnavailableError,
@@ -114,7 +194,7 @@ def test_request_id_falls_back_to_the_header() -> None:
 def test_retry_after_is_read_from_the_answer() -> None:
     reply = graph_error(429, "TooManyRequests", "slow down", headers={"Retry-After": "2.5"})
 
-    assert error_from_response(make_response(reply)).retry_after_s == 2.5
+    assert from_response(reply).retry_after_s == 2.5
 
 
 def test_str_is_one_line_with_meaning_status_code_message_and_request_id() -> None:
@@ -122,7 +202,7 @@ def test_str_is_one_line_with_meaning_status_code_message_and_request_id() -> No
         404, "Request_ResourceNotFound", "Resource 'u' does not exist.", request_id="r-1"
     )
 
-    text = str(error_from_response(make_response(reply)))
+    text = str(from_response(reply))
 
     assert text == (
         "not found (HTTP 404, Request_ResourceNotFound): Resource 'u' does not exist. "
@@ -149,7 +229,7 @@ def test_to_dict_has_the_five_output_keys() -> None:
         403, "Authorization_RequestDenied", "Insufficient privileges.", request_id="r"
     )
 
-    assert error_from_response(make_response(reply)).to_dict() == {
+    assert from_response(reply).to_dict() == {
         "outcome": "forbidden",
         "status": 403,
         "code": "Authorization_RequestDenied",

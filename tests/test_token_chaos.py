@@ -12,21 +12,16 @@ import pytest
 import requests
 from sqlalchemy.exc import OperationalError
 
+from cli.sign_in import begin_sign_in, finish_sign_in
 from entraflow.secrets import SecretBox
 from entraflow.settings import Settings
 from models.connections import delete_connection
 from sandbox.directory import DEMO_USER_ID, DEMO_USERS, SANDBOX_CLIENT_ID, SANDBOX_TENANT_ID
 from sandbox.server import SandboxServer
-from worker import connections
-from worker.connections import (
-    CONNECTION_RECHECK_S,
-    RECONNECT_HINT,
-    StoredConnectionTokenProvider,
-    begin_sign_in,
-    finish_sign_in,
-)
+from worker import tokens
 from worker.errors import AuthenticationError, BadRequestError
 from worker.graph import GraphClient
+from worker.tokens import CONNECTION_RECHECK_S, RECONNECT_HINT, StoredConnectionTokenProvider
 
 SERVICE_ACCOUNT = DEMO_USERS["svc"].upn
 
@@ -121,7 +116,7 @@ def test_a_database_away_at_a_recheck_leaves_the_client_acting_as_before(
     def database_away(_: str) -> None:
         raise OperationalError("SELECT", {}, Exception("unable to open database file"))
 
-    monkeypatch.setattr(connections, "load_connection", database_away)
+    monkeypatch.setattr(tokens, "load_connection", database_away)
     clock.now += CONNECTION_RECHECK_S
 
     assert client.request("GET", f"/users/{DEMO_USER_ID}").data["id"] == DEMO_USER_ID

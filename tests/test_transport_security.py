@@ -32,8 +32,9 @@ from cli.main import cli
 from cli.processes import LOOPBACK_ADDRESS, flower_address_arguments
 from entraflow import metrics
 from entraflow.settings import Settings, get_settings
-from worker.auth import PUBLIC_GRAPH_SCOPE, ClientCredentialsTokenProvider, scope_for_graph
 from worker.errors import AuthenticationError
+from worker.permissions import PUBLIC_GRAPH_SCOPE, scope_for_graph
+from worker.tokens import ClientCredentialsTokenProvider
 
 # TEST-NET-1 (RFC 5737): never routed, so a request that escaped would reach nobody.
 OFF_LOOPBACK = "192.0.2.10"

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -40,10 +40,7 @@ from entraflow.settings import (
     PatchWriteCost,
     Settings,
 )
-from worker.errors import RETRY_AFTER_HEADER, TransientGraphError, parse_retry_after
-
-if TYPE_CHECKING:  # the client imports this module to plug a budget in
-    from worker.graph import AfterResponse, BeforeRequest
+from worker.errors import TransientGraphError, retry_after_s_of
 
 PRIORITY_HEADER = "x-ms-throttle-priority"
 RESOURCE_UNIT_HEADER = "x-ms-resource-unit"
@@ -464,7 +461,7 @@ class Budget:
 
 def budget_hooks(
     budget: Budget, priority: Priority = Priority.NORMAL
-) -> tuple[BeforeRequest, AfterResponse]:
+) -> tuple[Callable[[str, str], None], Callable[[requests.Response], None]]:
     """`GraphClient` hooks that pay for every request from `budget` and report every answer.
 
     A client sending bulk work uses `Priority.LOW` here and sends `x-ms-throttle-priority: Low`.
@@ -499,10 +496,10 @@ def _throttles(response: requests.Response) -> list[tuple[float, str | None]]:
 
 
 def _throttle(headers: Mapping[str, str]) -> tuple[float, str | None]:
-    lowered = {name.lower(): str(value) for name, value in headers.items()}
-    retry_after_s = parse_retry_after(lowered.get(RETRY_AFTER_HEADER.lower()))
+    retry_after_s = retry_after_s_of(headers)
     if retry_after_s is None:
         retry_after_s = PAUSE_WITHOUT_RETRY_AFTER_S
+    lowered = {name.lower(): str(value) for name, value in headers.items()}
     return retry_after_s, lowered.get(THROTTLE_SCOPE_HEADER)
 
 

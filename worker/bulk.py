@@ -14,14 +14,10 @@ reports `already_member` / `not_member` where the first run had made the change.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-
-import requests
-from requests.structures import CaseInsensitiveDict
 
 from worker.actions import SELECT_ID
 from worker.addressing import (
@@ -50,9 +46,9 @@ from worker.errors import (
     PermanentGraphError,
     ServiceUnavailableError,
     TransientGraphError,
-    error_from_response,
+    error_from_answer,
 )
-from worker.graph import GraphClient
+from worker.graph import FIRST_NON_SUCCESS_STATUS, GraphClient
 from worker.retry import RetryPolicy
 
 # Bulk work lets interactive requests go first, at Graph as in our own budget.
@@ -314,14 +310,9 @@ def _part_error(part: dict[str, Any] | None) -> GraphError | None:
         # Graph left the part unanswered: sending it again is what a lost answer calls for.
         return ServiceUnavailableError("the $batch answer has no response for this part")
     status = int(part.get("status", 0))
-    if status < 300:
+    if status < FIRST_NON_SUCCESS_STATUS:
         return None
-    response = requests.Response()
-    response.status_code = status
-    response.headers = CaseInsensitiveDict(part.get("headers") or {})
-    body = part.get("body")
-    response._content = b"" if body is None else json.dumps(body).encode()
-    return error_from_response(response)
+    return error_from_answer(status, part.get("headers") or {}, part.get("body"))
 
 
 class _Existence:

@@ -24,12 +24,12 @@ Secrets and tokens never enter an error, so no message can leak them.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
-
-import requests
 
 # Graph answers both cases below with 400 Request_BadRequest; only the message tells them
 # apart (GRAPH.md, "Errors"). These are the only message texts we ever match on.
@@ -236,18 +236,41 @@ _ERRORS_BY_STATUS: dict[int, type[GraphError]] = {
 }
 
 
-def error_from_response(response: requests.Response) -> GraphError:
-    """The error a Graph error response stands for, mapped by status (and two 400 messages)."""
-    code, message, body_request_id = _error_envelope(response)
-    status = response.status_code
+def error_from_answer(
+    status: int,
+    headers: Mapping[str, Any],
+    body: bytes | str | Mapping[str, Any] | None,
+    reason: str | None = None,
+) -> GraphError:
+    """The error a Graph error answer stands for, mapped by status (and two 400 messages).
+
+    The answer is a whole response or one part of a `$batch` answer: `headers` may spell names in
+    any case, `body` is raw JSON text or already parsed, and `reason`, the status line's phrase,
+    stands in for a missing message.
+    """
+    code, message, body_request_id = _error_envelope(_parsed(body), status, reason)
     error_class = _error_class(status, message)
     return error_class(
         message,
         status=status,
         code=code,
-        request_id=body_request_id or response.headers.get(REQUEST_ID_HEADER),
-        retry_after_s=parse_retry_after(response.headers.get(RETRY_AFTER_HEADER)),
+        request_id=body_request_id or _header(headers, REQUEST_ID_HEADER),
+        retry_after_s=retry_after_s_of(headers),
     )
+
+
+def retry_after_s_of(headers: Mapping[str, Any]) -> float | None:
+    """Seconds to wait from the `Retry-After` of an answer's or a `$batch` part's `headers`."""
+    return parse_retry_after(_header(headers, RETRY_AFTER_HEADER))
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    """The value of header `name` as text, whatever the case: `$batch` parts keep Graph's."""
+    wanted = name.lower()
+    for found, value in headers.items():
+        if found.lower() == wanted:
+            return str(value)
+    return None
 
 
 def _error_class(status: int, message: str) -> type[GraphError]:
@@ -262,22 +285,30 @@ def _error_class(status: int, message: str) -> type[GraphError]:
     return _ERRORS_BY_STATUS.get(status, PermanentGraphError)
 
 
-def _error_envelope(response: requests.Response) -> tuple[str | None, str, str | None]:
-    """The code, message and request id of Graph's `{"error": {...}}` body, when it has one."""
+def _parsed(body: bytes | str | Mapping[str, Any] | None) -> Any:
+    if not isinstance(body, bytes | str):
+        # A `$batch` part's body comes parsed with the rest of the `$batch` answer.
+        return body
     try:
-        body = response.json()
+        return json.loads(body) if body else None
     except ValueError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
+        return None
+
+
+def _error_envelope(
+    body: Any, status: int, reason: str | None
+) -> tuple[str | None, str, str | None]:
+    """The code, message and request id of Graph's `{"error": {...}}` body, when it has one."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    if not isinstance(error, Mapping):
         # Not Graph's envelope (a proxy's HTML page, an empty 503): the status says it all.
-        return None, response.reason or f"HTTP {response.status_code}", None
+        return None, reason or f"HTTP {status}", None
     code = error.get("code")
     message = error.get("message")
     inner = error.get("innerError")
-    request_id = inner.get("request-id") if isinstance(inner, dict) else None
+    request_id = inner.get("request-id") if isinstance(inner, Mapping) else None
     return (
         code if isinstance(code, str) else None,
-        message if isinstance(message, str) and message else response.reason or "",
+        message if isinstance(message, str) and message else reason or "",
         request_id if isinstance(request_id, str) else None,
     )

@@ -17,16 +17,21 @@ import requests
 from entraflow import metrics
 from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
 from worker.addressing import check_next_link
-from worker.auth import SessionFactory, TokenProvider, new_oauth2_session
 from worker.budget import Budget, Priority, budget_hooks
-from worker.connections import connection_identity, token_provider_for
 from worker.errors import (
     REQUEST_ID_HEADER,
     GraphConnectionError,
     PermanentGraphError,
-    error_from_response,
+    error_from_answer,
 )
 from worker.retry import RetryPolicy
+from worker.tokens import (
+    SessionFactory,
+    TokenProvider,
+    connection_identity,
+    new_oauth2_session,
+    token_provider_for,
+)
 
 JSON_MEDIA_TYPE = "application/json"
 CLIENT_REQUEST_ID_HEADER = "client-request-id"
@@ -187,7 +192,9 @@ class GraphClient:
             token = self._token_provider.token(force_refresh=True)
             response = self._send(method, url, json, request_headers, token)
         if response.status_code >= FIRST_NON_SUCCESS_STATUS:
-            raise error_from_response(response)
+            raise error_from_answer(
+                response.status_code, response.headers, response.content, response.reason
+            )
         return GraphResponse(
             status=response.status_code,
             data=_json_or_none(response),
