@@ -27,9 +27,11 @@ from typing import Any
 
 import redis
 
+from entraflow import process_info
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
-from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem, batch_view
+from models.batch_reports import batch_view
+from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem
 from sandbox.config import SandboxConfig
 from sandbox.directory import DEMO_GROUPS, bulk_user_id
 from sandbox.server import SandboxServer
@@ -87,28 +89,9 @@ def batch_writes(adds: int, removes: int) -> int:
 
 def peak_rss_kb(pids: list[int]) -> list[int]:
     """The peak resident memory (VmHWM, kB) of each of `pids` and their children, from /proc."""
-    peaks = []
-    for pid in pids + [child for parent in pids for child in _children(parent)]:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks.append(int(line.split()[1]))
-        except OSError:
-            continue
-    return peaks
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    measured = pids + [child for parent in pids for child in process_info.children(parent)]
+    peaks = map(process_info.peak_resident_kib, measured)
+    return [peak for peak in peaks if peak is not None]
 
 
 def _stats(stack: LocalStack) -> dict[str, Any]:

@@ -21,14 +21,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 import requests
 
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
-from models.batches import ItemAction, NewItem, batch_view
+from harness.waiting import wait_until
+from models.batch_reports import batch_view
+from models.batches import ItemAction, NewItem
 from models.history import wait_for_event_runs
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
 from scheduler.batches import submit_batch
@@ -40,7 +41,6 @@ DEFAULT_OUT = Path("docs/images/flower-tasks.png")
 WINDOW_SIZE = "1400,900"
 # Upper bound on every wait: runs to end, Flower to start and to see the last event.
 WAIT_S = 120.0
-POLL_S = 0.2
 # Time the Tasks page's scripts get to fetch and draw the table before the screenshot.
 PAGE_SCRIPT_BUDGET_MS = 5000
 CHROMIUM_TIMEOUT_S = 60.0
@@ -55,17 +55,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_until(check: Any, what: str) -> Any:
-    """`check()` once it is truthy; TimeoutError after `WAIT_S`."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(POLL_S)
-    raise TimeoutError(what)
 
 
 def start_flower(redis_url: str, port: int, password: str) -> subprocess.Popen[bytes]:
@@ -103,7 +92,8 @@ def run_examples(stack: LocalStack) -> None:
         wait_for_event_runs(database_url, event["source"], event["id"], timeout_s=WAIT_S)
     wait_until(
         lambda: (batch_view(database_url, batch_id) or {}).get("status") == "succeeded",
-        f"batch {batch_id} did not end",
+        f"batch {batch_id} to end",
+        timeout_s=WAIT_S,
     )
 
 
@@ -153,14 +143,14 @@ def main() -> None:
         try:
             base = f"http://127.0.0.1:{port}"
             auth = (FLOWER_USER, password)
-            wait_until(lambda: _answers(f"{base}/healthcheck"), "flower did not start")
+            wait_until(lambda: _answers(f"{base}/healthcheck"), "flower to start", timeout_s=WAIT_S)
             run_examples(stack)
 
             def all_ended() -> bool:
                 tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=10).json()
                 return bool(tasks) and all(t["state"] in ENDED_STATES for t in tasks.values())
 
-            wait_until(all_ended, "flower did not see every task end")
+            wait_until(all_ended, "flower to see every task end", timeout_s=WAIT_S)
             screenshot(f"http://{FLOWER_USER}:{password}@127.0.0.1:{port}/tasks", args.out)
         finally:
             flower.terminate()

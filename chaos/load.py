@@ -17,13 +17,12 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import func
 from sqlmodel import col, select
 
 from chaos.harness import Harness, Result, Scenario, Sizes, Tally, checked, fail_check, wait_for
-from entraflow import keys
+from entraflow import keys, process_info
 from entraflow.redis_server import PID_FILE, EmbeddedRedis
 from models.db import session_scope
 from models.history import FINAL_RUN_STATUSES
@@ -49,7 +48,6 @@ MIN_RUNS_PER_S = 10.0
 SAMPLE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 2.0
 MIB = 1024 * 1024
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 # The process kinds sampled, and the bounds of each, in MiB.
 WORKER, CHILD, SCHEDULER, REDIS, CHAOS = "worker", "worker child", "scheduler", "redis", "chaos"
@@ -213,17 +211,11 @@ def _resident_mib(harness: Harness) -> dict[str, float]:
     }
     sizes = {}
     for kind, kind_pids in pids.items():
-        resident = [size for size in map(_resident_bytes, kind_pids) if size is not None]
+        resident = [
+            size for size in map(process_info.resident_bytes, kind_pids) if size is not None
+        ]
         sizes[kind] = max(resident, default=0) / MIB
     return sizes
-
-
-def _resident_bytes(pid: int) -> int | None:
-    try:
-        # statm: size, resident, shared, ... in pages.
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None  # it ended between the listing and the read
 
 
 def _redis_pid(harness: Harness) -> list[int]:

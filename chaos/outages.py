@@ -32,7 +32,7 @@ from chaos.harness import (
 from entraflow import keys
 from entraflow.celery_app import PUBLISH_PATIENCE_S
 from entraflow.redis_server import EmbeddedRedis
-from models.batches import batch_view
+from models.batch_reports import batch_view
 from models.db import SQLITE_BUSY_TIMEOUT_S
 from models.history import FINAL_RUN_STATUSES
 from sandbox.directory import DEMO_GROUPS

@@ -19,16 +19,14 @@ from rich.table import Table
 from cli.output import fail_json, print_json
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings
+from models.batch_reports import batch_view, list_batches, report_rows
 from models.batches import (
     FINAL_BATCH_STATUSES,
     BatchStateError,
     BatchStatus,
     ItemAction,
     NewItem,
-    batch_view,
     cancel_batch,
-    list_batches,
-    report_rows,
 )
 from scheduler.batches import (
     BatchFileError,

@@ -14,6 +14,7 @@ from entraflow import keys, logs, metrics
 from entraflow.celery_app import app
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings, is_loopback_host
+from models.db import database_reachable
 from worker.budget import RU_BUDGET, WRITES_BUDGET, Budget
 from worker.tokens import connection_identity
 
@@ -93,7 +94,7 @@ def _serve_worker_metrics(settings: Settings, port: int) -> None:
         settings.metrics_host,
         port,
         client,
-        settings.resolved_database_url,
+        {"database": lambda: database_reachable(settings.resolved_database_url)},
         budget=lambda: _budget_usage(settings, client),
     )
 

@@ -15,6 +15,7 @@ import redis
 from entraflow import metrics
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
+from models.db import database_reachable
 from scheduler.intake import Scheduler
 
 
@@ -39,11 +40,9 @@ def scheduler(consumer: str, loglevel: str, metrics_port: int | None) -> None:
     settings = get_settings()
     client = redis.Redis.from_url(redis_url(settings))
     port = settings.scheduler_metrics_port if metrics_port is None else metrics_port
-    server = (
-        metrics.serve(settings.metrics_host, port, client, settings.resolved_database_url)
-        if port
-        else None
-    )
+    database_url = settings.resolved_database_url
+    probes = {"database": lambda: database_reachable(database_url)}
+    server = metrics.serve(settings.metrics_host, port, client, probes) if port else None
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:

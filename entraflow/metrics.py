@@ -39,13 +39,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from entraflow import keys
 from entraflow.home import private_folder
 from entraflow.logs import current
-from models.db import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +90,9 @@ ALL_METRICS = (RUNS, STEP_DURATION, GRAPH_REQUESTS, GRAPH_THROTTLES, EVENTS, BAT
 
 # What a scrape reads about the Graph budget: {budget: (used now, limit)}.
 BudgetReader = Callable[[], Mapping[str, tuple[int, int]]]
+# Whether this process reaches one service, for `/healthz`: passed in by the process serving, so
+# that this ground module knows no service but Redis (the database's is `database_reachable`).
+HealthProbe = Callable[[], bool]
 
 
 def enable_multiprocess(directory: Path) -> None:
@@ -238,19 +239,15 @@ def registry_for(state: StateCollector) -> CollectorRegistry:
     return registry
 
 
-def health(redis_client: redis.Redis, database_url: str) -> dict[str, bool]:
-    """Whether this process reaches Redis and the database."""
-    checks = {"redis": False, "database": False}
+def health(redis_client: redis.Redis, probes: Mapping[str, HealthProbe]) -> dict[str, bool]:
+    """Whether this process reaches Redis and each service of `probes`, by name."""
+    checks = {"redis": False}
     try:
         checks["redis"] = bool(redis_client.ping())
     except redis.RedisError as exc:
         log.warning("health: Redis unreachable: %s", exc)
-    try:
-        with get_engine(database_url).connect() as connection:
-            connection.execute(text("SELECT 1"))
-        checks["database"] = True
-    except SQLAlchemyError as exc:
-        log.warning("health: database unreachable: %s", type(exc).__name__)
+    for name, probe in probes.items():
+        checks[name] = probe()
     return checks
 
 
@@ -318,9 +315,9 @@ def serve(
     host: str,
     port: int,
     redis_client: redis.Redis,
-    database_url: str,
+    probes: Mapping[str, HealthProbe],
     budget: BudgetReader | None = None,
 ) -> MetricsServer:
     """Start serving this process's `/metrics` and `/healthz` on `host:port`."""
     registry = registry_for(StateCollector(redis_client, budget))
-    return MetricsServer(host, port, registry, lambda: health(redis_client, database_url)).start()
+    return MetricsServer(host, port, registry, lambda: health(redis_client, probes)).start()

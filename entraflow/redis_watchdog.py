@@ -63,13 +63,8 @@ def watch(folder: Path, idle_stop_s: float, server_pid: int) -> None:
     # Imported here, after `main` detached: the launcher waits for that fork, not for imports.
     import redis
 
-    from entraflow.redis_server import (
-        WATCHDOG_CLIENT_NAME,
-        EmbeddedRedis,
-        is_running,
-        probe_client,
-        shutdown,
-    )
+    from entraflow.process_info import is_running
+    from entraflow.redis_server import WATCHDOG_CLIENT_NAME, EmbeddedRedis, probe_client, shutdown
 
     server = EmbeddedRedis(folder, idle_stop_s)
     descriptor = os.open(folder / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)

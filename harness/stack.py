@@ -22,6 +22,7 @@ from typing import IO
 
 from pydantic import SecretStr
 
+from entraflow import process_info
 from entraflow.home import private_home
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.settings import Settings
@@ -130,7 +131,7 @@ class LocalStack:
 
     def worker_children(self, index: int) -> list[int]:
         """The pids of worker `index`'s pool processes."""
-        return _children(self.worker_processes[index].pid)
+        return process_info.children(self.worker_processes[index].pid)
 
     def kill_worker_child(self, index: int, pid: int) -> None:
         """SIGKILL one pool process of worker `index`; the worker lives on and forks another."""
@@ -244,15 +245,6 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
             else:  # started by someone else, in the caller's group
                 process.kill()
     process.wait()
-
-
-def _children(pid: int) -> list[int]:
-    """The pids of a process's children (Linux), forked by any of its threads."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with suppress(OSError):
-            children += [int(child) for child in (task / "children").read_text().split()]
-    return sorted(children)
 
 
 def _metrics_option(first_port: int, index: int) -> list[str]:

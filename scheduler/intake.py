@@ -17,12 +17,10 @@ letter too: no event, whatever it holds, can stop or stall a scheduler (issue 13
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -30,34 +28,19 @@ import redis
 from kombu.exceptions import LimitExceeded as BrokerLimitExceeded
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from pydantic import ValidationError
-from sqlalchemy.exc import (
-    DBAPIError,
-    DisconnectionError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    StatementError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlmodel import Session, select
 
 from entraflow import keys, logs, metrics
 from entraflow.settings import Settings
 from entraflow.templating import TemplateProblem, evaluate_condition
-from models.db import session_scope
+from models.db import database_error_summary, is_transient_database_error, session_scope
 from models.flows import AcceptedEvent
-from models.history import prune_history
 from models.runs import utcnow
-from scheduler.batches import enqueue_stranded_batches
 from scheduler.flows import FlowDefinition, enabled_flows_for
+from scheduler.housekeeping import HOUSEKEEPING_INTERVAL_S, housekeeping_round
 from scheduler.producer import EVENT_FIELD, MAX_EVENT_BYTES, InvalidEvent, parse_event
-from scheduler.runs import (
-    FlowDefinitionError,
-    add_run,
-    enqueue_run,
-    enqueue_stranded_runs,
-    unqueued_runs,
-)
+from scheduler.runs import FlowDefinitionError, add_run, enqueue_run, unqueued_runs
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +50,6 @@ READ_COUNT = 10
 READ_BLOCK_MS = 1000
 # How often a scheduler looks for entries another one left pending.
 CLAIM_INTERVAL_S = 1.0
-# How often the stream is trimmed and stranded runs re-queued, by one scheduler at a time.
-HOUSEKEEPING_INTERVAL_S = 30.0
 # Waits after a database or Redis failure: doubling from the first to the last. The last bounds
 # how long the scheduler stays idle once the service is back (30 s left events waiting half a
 # minute after a Redis restart); one failed try every few seconds costs nothing.
@@ -80,9 +61,9 @@ BACKOFF_MAX_S = 4.0
 MAX_REASON_BYTES = 4096
 
 # What is known to pass, and so leaves an entry pending: the services the scheduler depends on
-# unreachable, busy or timing out. Everything else dead-letters the event, since a failure
-# retried forever holds up every later event (issue 13: a 20 KB id failing PostgreSQL's index
-# was retried forever as an `OperationalError`, which is also what a lost connection raises).
+# unreachable, busy or timing out (the database's failures are judged by `models.db`).
+# Everything else dead-letters the event, since a failure retried forever holds up every later
+# event (issue 13).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,  # refused, reset, loading its data, wrong password, no connection free
     redis.TimeoutError,
@@ -92,8 +73,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.OutOfMemoryError,
     BrokerUnavailable,  # publishing a chain once kombu's own retries are spent
     BrokerLimitExceeded,
-    PoolTimeout,  # no pooled database connection free in time
-    DisconnectionError,
     ConnectionError,  # the builtins, from a socket no library wrapped
     TimeoutError,
 )
@@ -103,31 +82,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 TRANSIENT_REDIS_REPLIES = frozenset(
     {"NOGROUP", "LOADING", "MISCONF", "BUSY", "OOM", "MASTERDOWN", "READONLY", "TRYAGAIN"}
 )
-# SQLSTATE classes that a later try can get past: 08 connection exception, 40 transaction
-# rollback (serialization failure, deadlock), 53 insufficient resources, 57 operator
-# intervention (statement timeout, shutdown), 58 system error; and 42, a table, column or grant
-# missing: the deployment's fault, mended by `entraflow db upgrade` or a grant, which no event can
-# cause (values are bound, never written into SQL), so the events wait for the mend instead of
-# all becoming dead letters. Every other class, 22 data exception, 23 integrity, 54 program limit
-# (an index row too large) among them, is the event's.
-TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "42", "53", "57", "58"})
-# Single SQLSTATEs of other classes that pass: 55P03 lock_not_available (a lock timeout).
-TRANSIENT_SQLSTATES = frozenset({"55P03"})
-# SQLite's primary result codes that pass: BUSY and LOCKED ("database is locked"), NOMEM, IOERR,
-# FULL, CANTOPEN and PROTOCOL. TOOBIG, CONSTRAINT, MISMATCH and the rest are the event's.
-TRANSIENT_SQLITE_CODES = frozenset(
-    {
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-        sqlite3.SQLITE_NOMEM,
-        sqlite3.SQLITE_IOERR,
-        sqlite3.SQLITE_FULL,
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_PROTOCOL,
-    }
-)
-# Extended SQLite result codes carry the primary one in their low byte.
-_SQLITE_PRIMARY_MASK = 0xFF
 
 
 class Outcome(StrEnum):
@@ -361,61 +315,11 @@ class Scheduler:
                 justid=True,
             )
 
-    def trim(self) -> int:
-        """Trim the stream to about `events_max_len` entries, never past an unacknowledged one."""
+    def housekeeping(self) -> None:
+        """One round of `scheduler.housekeeping`, unless another scheduler has this one."""
         if not self._group_ready:
             self.ensure_group()
-        pipe = self.redis.pipeline(transaction=True)
-        # Read in one MULTI: an entry delivered between two separate reads could be trimmed.
-        pipe.xinfo_groups(keys.EVENTS_STREAM)
-        pipe.xpending(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP)
-        pipe.xrevrange(keys.EVENTS_STREAM, count=self.settings.events_max_len + 1)
-        groups, pending, newest = pipe.execute()
-        if len(newest) <= self.settings.events_max_len:
-            return 0
-        bounds = [_stream_id(_text(newest[-2][0]))]  # the oldest entry to keep
-        for group in groups:
-            # Entries after a group's last delivered one have not been read by it yet.
-            bounds.append(_next_id(_stream_id(_text(group["last-delivered-id"]))))
-        if pending["pending"]:
-            bounds.append(_stream_id(_text(pending["min"])))
-        low = min(bounds)
-        removed = int(
-            self.redis.xtrim(keys.EVENTS_STREAM, minid=f"{low[0]}-{low[1]}", approximate=False)
-        )
-        if removed:
-            log.info("trimmed %d acknowledged events from the stream", removed)
-        return removed
-
-    def housekeeping(self) -> None:
-        """Trim the stream, queue stranded runs and batches, prune; one scheduler per round."""
-        interval_ms = int(HOUSEKEEPING_INTERVAL_S * 1000)
-        if not self.redis.set(
-            keys.SCHEDULER_HOUSEKEEPING_LOCK, self.consumer, nx=True, px=interval_ms
-        ):
-            return
-        self.trim()
-        stranded = enqueue_stranded_runs(self.settings)
-        if stranded:
-            log.warning(
-                "queued %d runs on no queue: never queued, or their message lost with a worker",
-                len(stranded),
-            )
-        stranded_batches = enqueue_stranded_batches(self.settings)
-        if stranded_batches:
-            log.warning(
-                "queued %d batches missing a message: never queued, or lost with a worker",
-                len(stranded_batches),
-            )
-        retention_days = self.settings.runs_retention_days
-        if retention_days is not None:
-            pruned = prune_history(
-                self.settings.resolved_database_url,
-                utcnow() - timedelta(days=retention_days),
-                events_min_keep=timedelta(days=self.settings.accepted_events_min_keep_days),
-            )
-            if pruned.runs or pruned.accepted_events:
-                log.info("pruned history older than %d days: %s", retention_days, pruned)
+        housekeeping_round(self.settings, self.redis, self.consumer)
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         """Handle events until `stop` is set; survive database and Redis failures, and bugs."""
@@ -480,44 +384,14 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, redis.ResponseError):
         return str(exc).split(" ", 1)[0] in TRANSIENT_REDIS_REPLIES
-    if isinstance(exc, DBAPIError):
-        return _database_failure_passes(exc)
-    return False
-
-
-def _database_failure_passes(exc: DBAPIError) -> bool:
-    if exc.connection_invalidated:  # SQLAlchemy saw the connection lost
-        return True
-    sqlstate = _sqlstate(exc.orig)
-    if sqlstate is not None:
-        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
-    sqlite_code = getattr(exc.orig, "sqlite_errorcode", None)
-    if isinstance(sqlite_code, int):
-        return sqlite_code & _SQLITE_PRIMARY_MASK in TRANSIENT_SQLITE_CODES
-    # No code at all: the driver failed before any server answered (refused, reset, closed).
-    return isinstance(exc, OperationalError | InterfaceError)
-
-
-def _sqlstate(orig: BaseException | None) -> str | None:
-    # psycopg 3 names it `sqlstate`, psycopg2 `pgcode`; None for errors raised by the driver.
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return code if isinstance(code, str) and code else None
+    return is_transient_database_error(exc)
 
 
 def _failure_reason(exc: Exception) -> str:
     """The dead letter's reason for a failure that is neither transient nor an `UnusableEvent`."""
     if isinstance(exc, DBAPIError):
         # The database refused a value of the event: every retry would fail the same way.
-        orig = exc.orig
-        lines = str(orig).strip().splitlines()
-        message = lines[0] if lines else type(orig).__name__
-        sqlstate = _sqlstate(orig)
-        sqlite_name = getattr(orig, "sqlite_errorname", None)
-        if sqlstate is not None:
-            message += f" ({type(orig).__name__}, SQLSTATE {sqlstate})"
-        elif isinstance(sqlite_name, str):
-            message += f" ({sqlite_name})"
-        return f"the database refused the event: {message}"
+        return f"the database refused the event: {database_error_summary(exc)}"
     log.exception("internal error while handling an event")
     # SQLAlchemy wraps what a value raised while it was bound: name the cause.
     cause = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
@@ -575,12 +449,3 @@ def _triggers(flow: FlowDefinition, event: dict[str, Any]) -> bool:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _stream_id(text: str) -> tuple[int, int]:
-    milliseconds, _, sequence = text.partition("-")
-    return int(milliseconds), int(sequence or 0)
-
-
-def _next_id(stream_id: tuple[int, int]) -> tuple[int, int]:
-    return stream_id[0], stream_id[1] + 1

@@ -17,13 +17,13 @@ KIB = 1024
 
 # Runs argv[2] as __main__ with argv[3:], and at exit writes its VmHWM (KiB) to argv[1].
 _MEASURING = """
-import atexit, re, sys
+import atexit, os, sys
+from entraflow.process_info import peak_resident_kib
 peak_path, code = sys.argv[1], sys.argv[2]
 del sys.argv[1:3]
 def report():
-    status = open("/proc/self/status").read()
     with open(peak_path, "w") as out:
-        out.write(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+        out.write(str(peak_resident_kib(os.getpid())))
 atexit.register(report)
 exec(compile(code, "<measured>", "exec"), {"__name__": "__main__"})
 """

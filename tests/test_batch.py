@@ -20,15 +20,8 @@ from entraflow import keys
 from entraflow.catalogue import BATCH_START_TASK
 from entraflow.settings import Settings, get_settings
 from harness.stack import sandbox_environment
-from models.batches import (
-    BatchItem,
-    ItemAction,
-    NewItem,
-    add_batch,
-    batch_view,
-    cancel_batch,
-    report_rows,
-)
+from models.batch_reports import batch_view, report_rows
+from models.batches import BatchItem, ItemAction, NewItem, add_batch, cancel_batch
 from models.db import session_scope
 from sandbox.app import SandboxApp
 from sandbox.config import SandboxConfig

@@ -17,7 +17,7 @@ from peak_memory import ENTRAFLOW_CLI, run_measuring_peak
 from cli.main import cli
 from entraflow import keys
 from entraflow.settings import Settings, get_settings
-from models.batches import report_rows
+from models.batch_reports import report_rows
 
 GROUP = "7a3b5c1e-0000-4000-8000-000000000001"
 OTHER_GROUP = "7a3b5c1e-0000-4000-8000-000000000002"

@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from entraflow import process_info
 from entraflow.settings import Settings
 from harness.stack import LocalStack
-from models.batches import batch_view, report_rows
+from harness.waiting import wait_until
+from models.batch_reports import batch_view, report_rows
 from sandbox.config import SandboxConfig
 from sandbox.directory import DEMO_GROUPS, bulk_user_id
 from sandbox.server import SandboxServer
@@ -54,27 +56,12 @@ def write_rows(path: Path, rows: list[tuple[str, str, str]]) -> Path:
 
 
 def wait_for_end(database_url: str, batch_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + BATCH_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def final_view() -> dict[str, object] | None:
         view = batch_view(database_url, batch_id)
-        if view is not None and view["status"] in ("succeeded", "failed", "cancelled"):
-            return view
-        time.sleep(0.1)
-    raise TimeoutError(f"batch {batch_id} did not end: {batch_view(database_url, batch_id)}")
+        ended = view is not None and view["status"] in ("succeeded", "failed", "cancelled")
+        return view if ended else None
 
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    return wait_until(final_view, f"batch {batch_id} to end", timeout_s=BATCH_TIMEOUT_S)
 
 
 def test_a_batch_of_500_rows_ends_with_every_row_an_outcome_and_the_groups_as_asked(
@@ -116,7 +103,7 @@ def test_a_worker_killed_mid_batch_loses_no_row_and_applies_none_twice(
             time.sleep(0.02)
 
         [worker] = stack.worker_processes
-        for pid in [worker.pid, *children(worker.pid)]:
+        for pid in [worker.pid, *process_info.children(worker.pid)]:
             os.kill(pid, signal.SIGKILL)
         worker.wait()
         done_at_kill = batch_view(database_url, batch_id)["done"]  # type: ignore[index]

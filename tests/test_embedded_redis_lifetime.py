@@ -6,48 +6,34 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner, Result
 
+from cli.main import cli
+from entraflow import process_info
 from entraflow.redis_server import EmbeddedRedis
 from entraflow.redis_watchdog import IdleClock
+from entraflow.settings import get_settings
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 # Short enough for a test, long enough to see the watchdog look several times.
 IDLE_S = 2.0
-# Upper bound on every wait: none of these is a timing assertion.
-WAIT_S = 60.0
-POLL_S = 0.1
 COMMAND_TIMEOUT_S = 60.0
 # INFO calls of the watchdog (one a second) that span well over IDLE_S.
 LOOKS_OVER_IDLE = 6
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still waiting after {WAIT_S:.0f} s for {what}")
-        time.sleep(POLL_S)
-
-
 def watchdogs(folder: Path) -> list[int]:
     """The pids of the watchdog processes of `folder`."""
     wanted = f"entraflow.redis_watchdog\0{folder}\0".encode()
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if wanted in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
+    return [pid for pid in process_info.pids() if wanted in (process_info.command_line(pid) or b"")]
 
 
 def info_calls(client: redis.Redis) -> int:
@@ -64,6 +50,7 @@ def idle_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 def entraflow(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own, which ends: what a one-shot command is."""
     return subprocess.run(
         [sys.executable, "-m", "cli", *args],
         env={
@@ -76,6 +63,22 @@ def entraflow(*args: str, home: Path, **env: str) -> subprocess.CompletedProcess
         timeout=COMMAND_TIMEOUT_S,
         check=False,
     )
+
+
+def redis_command(*args: str, home: Path, **env: str) -> Result:
+    """`entraflow redis ...` run in this process, with `env` for settings."""
+    # Not in a process of its own: the command's imports take two seconds a process, and
+    # status and stop hold nothing that outlives them.
+    environment: dict[str, str | None] = {
+        **dict.fromkeys(name for name in os.environ if name.startswith("ENTRAFLOW_")),
+        "ENTRAFLOW_HOME": str(home),
+        **env,
+    }
+    get_settings.cache_clear()
+    try:
+        return CliRunner(env=environment).invoke(cli, ["redis", *args])
+    finally:
+        get_settings.cache_clear()
 
 
 def test_the_server_a_one_shot_command_started_stops_once_unused_and_keeps_its_data(
@@ -155,8 +158,8 @@ def test_a_connection_between_two_looks_counts_as_a_use() -> None:
 
 
 def status(home: Path, **env: str) -> dict[str, Any]:
-    done = entraflow("redis", "status", "--json", home=home, **env)
-    assert done.returncode == 0, done.stderr
+    done = redis_command("status", "--json", home=home, **env)
+    assert done.exit_code == 0, done.stderr
     view: dict[str, Any] = json.loads(done.stdout)
     return view
 
@@ -169,7 +172,7 @@ def test_redis_status_tells_whether_the_server_runs_where_and_when_it_stops(
     server.ensure_running()
     try:
         running = status(tmp_path, ENTRAFLOW_EMBEDDED_REDIS_IDLE_S="300")
-        plain = entraflow("redis", "status", home=tmp_path).stdout
+        plain = redis_command("status", home=tmp_path).stdout
         port = int(server.port_file.read_text())
         pid = server.pid
     finally:
@@ -210,12 +213,12 @@ def test_redis_stop_shuts_the_server_down_cleanly(tmp_path: Path, idle_stop_s: f
     if idle_stop_s:
         wait_until(lambda: watchdog_connected(url), "the watchdog to connect")
 
-    stopped = entraflow("redis", "stop", home=tmp_path)
-    again = entraflow("redis", "stop", home=tmp_path)
+    stopped = redis_command("stop", home=tmp_path)
+    again = redis_command("stop", home=tmp_path)
 
-    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.exit_code == 0, stopped.stderr
     assert server.pid is None
-    assert again.returncode == 0 and "no embedded Redis is running" in again.stdout
+    assert again.exit_code == 0 and "no embedded Redis is running" in again.stdout
     server.start_again()
     try:
         assert redis.Redis.from_url(url).get("kept") == b"yes"
@@ -234,12 +237,12 @@ def test_redis_stop_leaves_a_server_other_processes_use_unless_forced(
     worker = redis.Redis.from_url(url)
     worker.ping()
     try:
-        refused = entraflow("redis", "stop", home=tmp_path)
-        assert refused.returncode != 0 and "1 other client" in refused.stderr
+        refused = redis_command("stop", home=tmp_path)
+        assert refused.exit_code != 0 and "1 other client" in refused.stderr
         assert server.pid is not None
 
-        forced = entraflow("redis", "stop", "--force", home=tmp_path)
-        assert forced.returncode == 0, forced.stderr
+        forced = redis_command("stop", "--force", home=tmp_path)
+        assert forced.exit_code == 0, forced.stderr
         assert server.pid is None
     finally:
         worker.close()
@@ -249,9 +252,9 @@ def test_redis_stop_leaves_a_server_other_processes_use_unless_forced(
 def test_with_a_configured_redis_there_is_no_embedded_server_to_manage(tmp_path: Path) -> None:
     configured = {"ENTRAFLOW_REDIS_URL": "redis://:not-to-be-shown@127.0.0.1:1/0"}
 
-    shown = entraflow("redis", "status", home=tmp_path, **configured)
-    stopped = entraflow("redis", "stop", home=tmp_path, **configured)
+    shown = redis_command("status", home=tmp_path, **configured)
+    stopped = redis_command("stop", home=tmp_path, **configured)
 
-    assert shown.returncode == 0 and "no embedded Redis server to manage" in shown.stdout
-    assert stopped.returncode != 0 and "no embedded Redis server to manage" in stopped.stderr
+    assert shown.exit_code == 0 and "no embedded Redis server to manage" in shown.stdout
+    assert stopped.exit_code != 0 and "no embedded Redis server to manage" in stopped.stderr
     assert "not-to-be-shown" not in shown.stdout + stopped.stderr

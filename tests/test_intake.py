@@ -23,11 +23,14 @@ from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun, utcnow
 from scheduler import intake
 from scheduler.flows import FlowDefinition
+from scheduler.housekeeping import trim_events
 from scheduler.intake import Outcome, Scheduler
 from scheduler.producer import MAX_EVENT_BYTES, publish_event
 from scheduler.runs import create_run
 
 HIRED = "hr.employee.hired"
+# Upper bound on the waits for a scheduler thread: none of them is a timing assertion.
+WAIT_S = 60.0
 LOOKUP = [{"id": "user", "action": "lookup_user", "with": {"upn": "{{ event.data.upn }}"}}]
 ADD = [
     *LOOKUP,
@@ -380,15 +383,16 @@ def test_trimming_removes_only_acknowledged_entries_beyond_the_length_kept(
     redis_client.xreadgroup(keys.SCHEDULERS_GROUP, "slow", {keys.EVENTS_STREAM: ">"}, count=6)
     redis_client.xack(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, *stream_ids[:2])
 
-    assert scheduler.trim() == 2  # stops at the oldest pending entry
+    # Stops at the oldest pending entry, then at the first entry no scheduler has read.
+    assert trim_events(scheduler.settings, redis_client) == 2
     redis_client.xack(keys.EVENTS_STREAM, keys.SCHEDULERS_GROUP, *stream_ids[2:6])
-    assert scheduler.trim() == 4  # stops at the first entry no scheduler has read
+    assert trim_events(scheduler.settings, redis_client) == 4
     remaining = [entry[0] for entry in redis_client.xrange(keys.EVENTS_STREAM)]
     assert remaining == stream_ids[6:]
 
     handled = scheduler.step()
     assert [h.outcome for h in handled] == [Outcome.ACCEPTED] * 4
-    assert scheduler.trim() == 1
+    assert trim_events(scheduler.settings, redis_client) == 1
     assert redis_client.xlen(keys.EVENTS_STREAM) == 3
 
 
@@ -400,8 +404,9 @@ def test_trimming_before_any_scheduler_read_keeps_every_entry(
     scheduler = Scheduler(
         settings.model_copy(update={"events_max_len": 1}), redis_client, "scheduler-1"
     )
+    scheduler.ensure_group()
 
-    assert scheduler.trim() == 0
+    assert trim_events(scheduler.settings, redis_client) == 0
     assert redis_client.xlen(keys.EVENTS_STREAM) == 5
 
 
@@ -444,11 +449,20 @@ def test_a_stopping_scheduler_hands_its_unhandled_entries_to_the_next_at_once(
 
 
 def test_run_forever_survives_redis_being_unreachable_and_stops_on_request(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No client-side retries: the scheduler's own backoff is what is tested.
     unreachable = redis.Redis(port=1, socket_connect_timeout=0.1, retry=Retry(NoBackoff(), 0))
     scheduler = Scheduler(settings, unreachable, "scheduler-1")
+    monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
+    tries: list[None] = []
+    first_try = scheduler.ensure_group
+
+    def counted_try() -> None:
+        tries.append(None)
+        first_try()
+
+    monkeypatch.setattr(scheduler, "ensure_group", counted_try)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -460,11 +474,15 @@ def test_run_forever_survives_redis_being_unreachable_and_stops_on_request(
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.5)
+    # Each try reaches for the group first and fails: a third one means two failures survived.
+    deadline = time.monotonic() + WAIT_S
+    while thread.is_alive() and len(tries) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     stop.set()
     thread.join(timeout=10)
 
     assert not thread.is_alive() and errors == []
+    assert len(tries) >= 3
 
 
 def test_the_scheduler_refuses_a_client_that_decodes_responses(

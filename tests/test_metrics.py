@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from entraflow import keys, logs, metrics
 from entraflow.settings import DEFAULT_WRITES_PER_WINDOW, Settings
 from harness.stack import LocalStack
-from models.db import session_scope
+from harness.waiting import wait_until
+from models.db import database_reachable, session_scope
 from models.flows import Flow
 from sandbox.directory import DEMO_GROUPS, DEMO_USERS
 from scheduler.flows import FlowDefinition
@@ -37,9 +37,6 @@ FLOW = {
         },
     ],
 }
-# Upper bound on every wait of the test.
-WAIT_S = 60.0
-POLL_S = 0.2
 HTTP_TIMEOUT_S = 5.0
 # Shorter than the worker waits in process: the throttled request is retried there and then.
 THROTTLE_RETRY_AFTER = "1"
@@ -65,14 +62,6 @@ def scrape(port: int) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def store_flow(database_url: str) -> None:
@@ -125,7 +114,7 @@ def test_worker_and_scheduler_metrics_count_a_run_triggered_by_an_event(
             return False
         return value(samples, "entraflow_runs_total", flow=FLOW_NAME, status="succeeded") == 1
 
-    wait_for(run_counted, "the run to be counted by the worker")
+    wait_until(run_counted, "the run to be counted by the worker")
     worker = scrape(stack.worker_metrics_port)
     for action in ("lookup_user", "add_user_to_group"):
         count = value(
@@ -177,7 +166,7 @@ def test_the_worker_metrics_directory_is_emptied_when_the_worker_starts(
         database_url=settings.database_url,
         worker_metrics_port=port,
     ):
-        wait_for(lambda: _answers(port), "the worker's metrics endpoint")
+        wait_until(lambda: _answers(port), "the worker's metrics endpoint")
         assert not stale.exists()
 
 
@@ -212,6 +201,7 @@ def test_throttled_parts_of_a_batch_answer_are_counted_by_scope() -> None:
 def test_health_reports_an_unreachable_redis(tmp_path: Path) -> None:
     unreachable = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
 
-    checks = metrics.health(unreachable, f"sqlite:///{tmp_path / 'h.db'}")
+    database_url = f"sqlite:///{tmp_path / 'h.db'}"
+    checks = metrics.health(unreachable, {"database": lambda: database_reachable(database_url)})
 
     assert checks == {"redis": False, "database": True}

@@ -18,8 +18,9 @@ import redis
 from kombu import Connection
 from sqlmodel import select
 
-from entraflow import keys
+from entraflow import keys, process_info
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.db import session_scope
 from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun
@@ -35,8 +36,6 @@ EVENTS = 30
 SALES_EVERY = 3
 # Short, so the second scheduler takes over the first one's pending events quickly.
 CLAIM_IDLE_S = 1.0
-# Upper bound on every wait of the test.
-WAIT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 FLOWS = [
@@ -125,14 +124,6 @@ def push(client: redis.Redis, n: int) -> None:
     time.sleep(0.02)  # a steady stream, so the kills land in the middle of it
 
 
-def wait_until(condition: Callable[[], bool], what: str, *, poll_s: float = 0.2) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still waiting after {WAIT_S:.0f} s for {what}")
-        time.sleep(poll_s)
-
-
 def held_by(client: redis.Redis, consumer: str) -> int:
     """How many events `consumer` has read and not acknowledged."""
     try:
@@ -151,13 +142,12 @@ def accepted_count(database_url: str) -> int:
 
 def kill_worker(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL a worker and its pool processes, as a machine losing power would."""
-    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    children = children_file.read_text().split()
+    children = process_info.children(process.pid)
     process.kill()
     process.wait()
     for pid in children:
         with suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
 def expire_dead_worker_leases(client: redis.Redis, redis_url: str) -> None:

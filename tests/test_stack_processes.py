@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
+from entraflow import process_info
 from entraflow.celery_app import app
 from entraflow.settings import Settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-# Upper bound on every wait of these tests.
-WAIT_S = 60.0
-POLL_S = 0.1
+# How long one ping waits for the worker to answer.
 PING_TIMEOUT_S = 1.0
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still waiting after {WAIT_S:.0f} s for {what}")
-        time.sleep(POLL_S)
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a process that has not exited (a zombie has)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    # The state follows the command name, which is in parentheses and may hold spaces.
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def environment_of(pid: int) -> list[bytes]:
-    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
 @pytest.fixture
@@ -66,7 +42,10 @@ def test_a_killed_worker_takes_its_pool_with_it_and_restarts_in_its_place(
     stack.kill_worker(0)
 
     assert killed.returncode is not None
-    wait_until(lambda: not any(alive(pid) for pid in pool), "the pool to die with its worker")
+    wait_until(
+        lambda: not any(process_info.is_running(pid) for pid in pool),
+        "the pool to die with its worker",
+    )
     restarted = stack.restart_worker(0)
     assert stack.worker_processes == [restarted]
     assert restarted.pid != killed.pid
@@ -114,7 +93,7 @@ def test_a_killed_scheduler_restarts_as_the_same_consumer_with_its_environment(
     assert f"--consumer={stack.scheduler_consumer(1)}" in restarted.args
     # Read once the new process has its own environment, not the forking parent's.
     wait_until(
-        lambda: b"ENTRAFLOW_EVENTS_CLAIM_IDLE_S=5" in environment_of(restarted.pid),
+        lambda: b"ENTRAFLOW_EVENTS_CLAIM_IDLE_S=5" in process_info.environment(restarted.pid),
         "the restarted scheduler's environment",
     )
 

@@ -11,9 +11,16 @@ How the schema comes to be:
 A database made by `create_all` before migrations existed has tables but no revision: an upgrade
 adopts it at the initial revision (which creates exactly those tables) and goes on from there.
 
+This package takes an engine and makes none: `models.db` makes them, and brings a SQLite file to
+head through `upgrade`, so imports run one way, from `models.db` to here.
+
 Every schema change is a new file in `versions/`. Write it with autogenerate and read it over:
 
-    python -c "from models.migrations import revision; revision('sqlite:///new.db', 'add x')"
+    python - <<'EOF'
+    from models.db import create_database_engine
+    from models.migrations import revision
+    revision(create_database_engine("sqlite:///new.db", for_migrations=True), "add x")
+    EOF
 
 `tests/test_migrations.py` fails while the models and the migrations disagree.
 """
@@ -83,11 +90,8 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(connection), revision)
 
 
-def revision(database_url: str, message: str) -> None:
-    """Write a new revision file from what the models have and a database at head lacks."""
-    from models.db import create_database_engine
-
-    engine = create_database_engine(database_url, for_migrations=True)
+def revision(engine: Engine, message: str) -> None:
+    """Write a new revision file from what the models have and the database, at head, lacks."""
     upgrade(engine)
     with engine.begin() as connection:
         command.revision(alembic_config(connection), message, autogenerate=True)
