@@ -4,7 +4,7 @@ In one run: writes a CSV (and, with `--jsonl`, a JSON lines file) of `--rows` di
 changes, submits each through the command line in its own process against a Redis and a SQLite
 database of the run's own, and prints each submit's peak resident set size and time. Nothing
 needs a worker: a submit stores the rows and queues one start message. With `--split`, the
-worker's split of each submitted batch into chunks (what `entraflow.batch_start` does first) runs
+worker's split of each submitted batch into chunks (what `entra.batch.start` does first) runs
 too, in a process of its own, and its peak and time are printed the same way.
 
     .venv/bin/python -m bench.batch_memory [--rows 1000000] [--jsonl] [--split]

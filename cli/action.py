@@ -1,4 +1,8 @@
-"""`entraflow action ...`: run one Entra action now, without the queue, and print its output."""
+"""`entraflow action ...`: run one Entra action now, without the queue, and print its output.
+
+Each action of the catalogue is a subcommand, named after it with dashes, with an option per
+input.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 import click
 
 from cli.output import fail_json, print_json
+from entraflow.catalogue import ACTIONS, ActionSpec
 from entraflow.settings import get_settings
 from worker.actions import run_action
 from worker.errors import EntraflowError, GraphError
@@ -26,41 +31,44 @@ def _run(name: str, inputs: dict[str, Any]) -> None:
     print_json(result.output)
 
 
+# The option of each input, in the order `--help` lists them and its help text.
+INPUT_HELP = {
+    "user_id": "The user's object id (a GUID) or user principal name.",
+    "upn": "The user's user principal name.",
+    "email": "The user's mail address; it must match exactly one user.",
+    "group_id": "The group's object id (a GUID).",
+}
+
+
 @click.group()
 def action() -> None:
     """Run one Entra action now and print its output as JSON."""
 
 
-@action.command("lookup-user")
-@click.option("--user-id", help="The user's object id (a GUID) or user principal name.")
-@click.option("--upn", help="The user's user principal name.")
-@click.option("--email", help="The user's mail address; it must match exactly one user.")
-def lookup_user(user_id: str | None, upn: str | None, email: str | None) -> None:
-    """Look up a user by id, UPN or email."""
-    given = {k: v for k, v in {"user_id": user_id, "upn": upn, "email": email}.items() if v}
-    if len(given) != 1:
-        raise click.UsageError("give exactly one of --user-id, --upn, --email")
-    _run("lookup_user", given)
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
-@action.command("lookup-group")
-@click.option("--group-id", required=True, help="The group's object id (a GUID).")
-def lookup_group(group_id: str) -> None:
-    """Look up a group by id."""
-    _run("lookup_group", {"group_id": group_id})
+def _command(spec: ActionSpec) -> click.Command:
+    """The subcommand of one catalogue action: an option per input."""
+
+    def run(**given: str | None) -> None:
+        inputs = {name: value for name, value in given.items() if value is not None}
+        # An empty value counts as absent, as it does for the action.
+        if spec.one_of and len([name for name in spec.one_of if inputs.get(name)]) != 1:
+            options = ", ".join(_option(name) for name in INPUT_HELP if name in spec.one_of)
+            raise click.UsageError(f"give exactly one of {options}")
+        _run(spec.name, inputs)
+
+    options: list[click.Parameter] = [
+        click.Option([_option(name)], required=name in spec.required_inputs, help=INPUT_HELP[name])
+        for name in INPUT_HELP
+        if name in spec.inputs
+    ]
+    return click.Command(
+        spec.name.replace("_", "-"), callback=run, params=options, help=spec.summary
+    )
 
 
-@action.command("add-user-to-group")
-@click.option("--user-id", required=True, help="The user's object id (a GUID) or UPN.")
-@click.option("--group-id", required=True, help="The group's object id (a GUID).")
-def add_user_to_group(user_id: str, group_id: str) -> None:
-    """Add a user to a group (`added`, or `already_member`)."""
-    _run("add_user_to_group", {"user_id": user_id, "group_id": group_id})
-
-
-@action.command("remove-member-from-group")
-@click.option("--user-id", required=True, help="The member's object id (a GUID) or UPN.")
-@click.option("--group-id", required=True, help="The group's object id (a GUID).")
-def remove_member_from_group(user_id: str, group_id: str) -> None:
-    """Remove a member from a group (`removed`, or `not_member`)."""
-    _run("remove_member_from_group", {"user_id": user_id, "group_id": group_id})
+for _spec in ACTIONS.values():
+    action.add_command(_command(_spec))

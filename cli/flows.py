@@ -34,18 +34,6 @@ from worker.graph import GraphClient
 # The CloudEvents 1.0 attributes an event file must carry (data is optional).
 REQUIRED_EVENT_ATTRIBUTES = ("specversion", "id", "source", "type")
 
-# What a membership write would do, and the output later steps are shown in its place.
-PLANNED_WRITES: dict[str, tuple[str, dict[str, Any]]] = {
-    "add_user_to_group": (
-        "would add user {user_id} to group {group_id}",
-        {"success": True, "outcome": "added"},
-    ),
-    "remove_member_from_group": (
-        "would remove user {user_id} from group {group_id}",
-        {"success": True, "outcome": "removed"},
-    ),
-}
-
 Lookup = Callable[[str, Mapping[str, Any]], ActionResult]
 
 
@@ -224,8 +212,10 @@ def _plan_write(action: str, inputs: Mapping[str, Any]) -> tuple[str, dict[str, 
     # The same addressing checks the action makes before its first request.
     user_path(user_id)
     group_path(group_id)
-    sentence, output = PLANNED_WRITES[action]
-    return sentence.format(user_id=user_id, group_id=group_id), dict(output)
+    spec = ACTIONS[action]
+    # Later steps are shown the output of the write as if it changed something.
+    output = {"success": True, "outcome": spec.outcomes[0]}
+    return "would " + spec.change.format(user_id=user_id, group_id=group_id), output
 
 
 def _read_event(event_file: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The one Celery app of entraflow; its configuration is derived from the settings, lazily.
+"""The one Celery app of entraflow: its configuration, derived lazily from the settings, and
+the base class of its tasks.
 
 The scheduler and the CLI import this module to send tasks by name; only a worker imports the
 task code (`include`), so the two deploy and scale apart.
@@ -6,14 +7,21 @@ task code (`include`), so the two deploy and scale apart.
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
+import redis
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.utils.url import parse_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from entraflow import keys
+from entraflow import keys, logs
+from entraflow.catalogue import TASK_QUEUES
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings
 
@@ -40,14 +48,100 @@ TIME_LIMIT_MARGIN_S = 30.0
 # A task that does not stop at the soft limit (stuck in C code) is killed this much later: its
 # message is put back (task_reject_on_worker_lost).
 HARD_AFTER_SOFT_TIME_LIMIT_S = 30.0
+# How long a delivery waits before trying again when the database or Redis does not answer.
+STORAGE_RETRY_S = 5.0
+# The database or Redis failing: nothing was recorded as done, so the delivery may try again;
+# `EntraflowTask.waits_on` tells a failure that passes (storage away) from a refusal.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, redis.RedisError)
+# The waits logged as warnings: storage away, a body stopped by the task time limit.
+NOTABLE_WAITS = (*STORAGE_ERRORS, SoftTimeLimitExceeded)
+# What a delivery that did not return is counted as; a task may name more (a step's failure).
+DELIVERY_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (Retry, "retrying"),
+    (Ignore, "duplicate"),
+)
+# A delivery that returned, without a status of its own; one that raised anything else.
+SUCCEEDED = "succeeded"
+CRASHED = "crashed"
+
+log = logging.getLogger(__name__)
 
 
 class EntraflowTask(Task):
-    """The base of every entraflow task: a retry the broker refuses puts the message back."""
+    """The base of every entraflow task: what a delivery does around the task's body.
 
-    def retry(self, *args: Any, **kwargs: Any) -> Any:
+    The body is a thin adapter; this class tags the delivery's log lines with the ids it
+    carries, sends it back to the queue when the body raises one of `waits_for` (storage away,
+    Graph asking for a wait), caps every countdown within the visibility timeout, puts the
+    message back when the broker refuses a retry, and tells `observe` how each delivery ended.
+    """
+
+    # The names of the task's leading arguments: ids that tag every line a delivery logs.
+    id_args: tuple[str, ...] = ()
+    # The action a delivery's log lines, and so its Graph requests, are labelled with.
+    action: str | None = None
+    # Errors after which the body runs again, `countdown_s(exc)` later, instead of failing.
+    waits_for: tuple[type[Exception], ...] = STORAGE_ERRORS
+    # How a delivery that raised ended, by the first class its exception is an instance of.
+    delivery_outcomes: tuple[tuple[type[BaseException], str], ...] = DELIVERY_OUTCOMES
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.log_context(args):
+            started_s = time.monotonic()
+            try:
+                result = self._run_or_wait(*args, **kwargs)
+            except BaseException as exc:
+                self.observe(self._outcome(exc), time.monotonic() - started_s)
+                raise
+            # A step's result names the status the delivery left it in.
+            self.observe(result.get("status", SUCCEEDED), time.monotonic() - started_s)
+            return result
+
+    def _run_or_wait(self, *args: Any, **kwargs: Any) -> Any:
+        # Celery's tracer has pushed this delivery's request: run the body under it
+        # (Task.__call__ would push a second, empty one, and a retry would lose the delivery).
         try:
-            return super().retry(*args, **kwargs)
+            return self.run(*args, **kwargs)
+        except self.waits_for as exc:
+            if not self.waits_on(exc):
+                raise
+            countdown_s = self.countdown_s(exc)
+            # Storage away and a body stopped by the time limit are worth a look; a wait that
+            # Graph asked for is routine.
+            level = logging.WARNING if isinstance(exc, NOTABLE_WAITS) else logging.INFO
+            delivery = f"{self.name}({', '.join(map(str, args))})"
+            log.log(level, "%s retries in %.1f s: %s", delivery, countdown_s, str(exc) or repr(exc))
+            raise self.retry(countdown=countdown_s, exc=exc) from exc
+
+    def log_context(self, args: Sequence[Any]) -> AbstractContextManager[None]:
+        """Tag the lines logged inside the block with the ids of a delivery of `args`."""
+        return logs.bound(**dict(zip(self.id_args, args, strict=False)), action=self.action)
+
+    def waits_on(self, exc: Exception) -> bool:
+        """Whether `exc`, one of `waits_for`, passes with time; a database error only if it is
+        an OperationalError (a task that knows the database judges more closely)."""
+        return not isinstance(exc, SQLAlchemyError) or isinstance(exc, OperationalError)
+
+    def countdown_s(self, exc: Exception) -> float:
+        """How long to wait before the next delivery after `exc`, one of `waits_for`."""
+        return STORAGE_RETRY_S
+
+    def observe(self, outcome: str, duration_s: float) -> None:
+        """Record how one delivery ended and how long it took; a task that is measured says how."""
+
+    def _outcome(self, exc: BaseException) -> str:
+        return next(
+            (name for kind, name in self.delivery_outcomes if isinstance(exc, kind)), CRASHED
+        )
+
+    def retry(self, *args: Any, countdown: float | None = None, **options: Any) -> Any:
+        """Send the delivery back to the queue, at most `max_retry_countdown_s` from now."""
+        if countdown is not None:
+            countdown = min(countdown, max_retry_countdown_s(get_settings()))
+        # The new message shows Flower the same readable arguments as this one.
+        options.setdefault("argsrepr", getattr(self.request, "argsrepr", None))
+        try:
+            return super().retry(*args, countdown=countdown, **options)
         except Reject as exc:
             if exc.requeue:
                 raise
@@ -85,7 +179,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": keys.FLOWS_QUEUE,
-        "task_routes": {"entraflow.batch_*": {"queue": keys.BULK_QUEUE}},
+        "task_routes": {name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         # A message is acknowledged only after its step is recorded, so a crash redelivers it.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

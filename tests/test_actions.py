@@ -7,7 +7,6 @@ from fake_transport import FakeTokens, FakeTransport, Reply, graph_error
 
 from worker import retry
 from worker.actions import (
-    ACTIONS,
     GROUP_FIELDS,
     USER_FIELDS,
     add_user_to_group,
@@ -365,15 +364,6 @@ def test_membership_actions_refuse_bad_ids_before_any_request(
         action(client, user_id=user_id, group_id=group_id)
 
     assert transport.requests == []
-
-
-def test_the_registry_holds_the_four_flow_actions() -> None:
-    assert set(ACTIONS) == {
-        "lookup_user",
-        "lookup_group",
-        "add_user_to_group",
-        "remove_member_from_group",
-    }
 
 
 def test_run_action_runs_by_name(client: GraphClient, transport: FakeTransport) -> None:

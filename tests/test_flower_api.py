@@ -88,7 +88,7 @@ def test_flower_shows_entraflow_tasks_with_ids_as_arguments_and_no_secret(
     def finished(tasks: dict[str, Any]) -> bool:
         states = {(t["name"], t["state"]) for t in tasks.values()}
         return {(name, "SUCCESS") for name in FLOW_TASKS.values()} <= states and any(
-            name == "entraflow.batch_chunk" and state in CHUNK_STATES for name, state in states
+            name == "entra.batch.chunk" and state in CHUNK_STATES for name, state in states
         )
 
     def finished_tasks() -> dict[str, Any] | None:
@@ -106,10 +106,10 @@ def test_flower_shows_entraflow_tasks_with_ids_as_arguments_and_no_secret(
         assert task["state"] == "SUCCESS"
         assert task["args"] == f"run_id={run_id!r}, step_id={step_id!r}"
         assert task["kwargs"] == "{}"
-    (start,) = by_name["entraflow.batch_start"]
+    (start,) = by_name["entra.batch.start"]
     assert start["state"] == "SUCCESS"
     assert start["args"] == f"batch_id={batch_id!r}"
-    for chunk in by_name["entraflow.batch_chunk"]:
+    for chunk in by_name["entra.batch.chunk"]:
         assert chunk["state"] in CHUNK_STATES
         assert chunk["args"].startswith(f"batch_id={batch_id!r}, chunk=")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from sqlite3 import SQLITE_BUSY
 from unittest import mock
 
 import pytest
@@ -20,6 +21,7 @@ from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from sqlalchemy import exc as database
 
 from entraflow import keys
 from entraflow.celery_app import EntraflowTask, celery_config
@@ -50,7 +52,7 @@ def restart(private_redis: EmbeddedRedis) -> Iterator[threading.Timer]:
 
 
 def test_every_task_puts_back_a_message_whose_retry_the_broker_refuses() -> None:
-    task = tasks.add_user_to_group
+    task = tasks.STEP_TASKS["add_user_to_group"]
     task.push_request(id="delivery-1", args=["run-1", "add"], kwargs={}, called_directly=False)
     try:
         with (
@@ -65,8 +67,42 @@ def test_every_task_puts_back_a_message_whose_retry_the_broker_refuses() -> None
     assert rejected.value.requeue is True
     assert all(
         isinstance(t, EntraflowTask)
-        for t in (batch_tasks.start_batch, batch_tasks.apply_batch_chunk, tasks.lookup_user)
+        for t in (batch_tasks.start_batch, batch_tasks.apply_batch_chunk, task)
     )
+
+
+class DriverError(Exception):
+    """What a database driver raises, with the code a server or SQLite gave it."""
+
+    def __init__(self, sqlstate: str | None = None, sqlite_errorcode: int | None = None) -> None:
+        super().__init__("driver error")
+        self.sqlstate = sqlstate
+        self.sqlite_errorcode = sqlite_errorcode
+
+
+@pytest.mark.parametrize(
+    ("error", "waits"),
+    [
+        (database.OperationalError("INSERT", {}, DriverError(sqlstate="08006")), True),
+        (database.OperationalError("INSERT", {}, DriverError(sqlstate="57P01")), True),
+        (database.OperationalError("INSERT", {}, DriverError(sqlite_errorcode=SQLITE_BUSY)), True),
+        (database.TimeoutError("no pooled connection free"), True),
+        (redis.ConnectionError("Redis is away"), True),
+        # A value the database refuses fails now instead of at every retry, forever.
+        (database.OperationalError("INSERT", {}, DriverError(sqlstate="54000")), False),
+        (database.IntegrityError("INSERT", {}, DriverError(sqlstate="23505")), False),
+        (database.OperationalError("INSERT", {}, DriverError(sqlite_errorcode=1)), False),
+    ],
+)
+def test_worker_tasks_wait_out_storage_that_passes_and_fail_on_a_refusal(
+    error: Exception, waits: bool
+) -> None:
+    for task in (
+        tasks.STEP_TASKS["add_user_to_group"],
+        batch_tasks.start_batch,
+        batch_tasks.apply_batch_chunk,
+    ):
+        assert (isinstance(error, task.waits_for) and task.waits_on(error)) is waits, task.name
 
 
 @pytest.mark.integration

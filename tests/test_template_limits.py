@@ -345,7 +345,7 @@ def test_a_step_stopped_by_the_soft_time_limit_is_recorded_failed_naming_the_lim
     monkeypatch.setattr(tasks, "get_settings", lambda: unit_settings)
     monkeypatch.setattr(tasks, "lock_client", lambda: redis_client)
     monkeypatch.setattr(tasks, "perform", overrun)
-    result = tasks.lookup_user.apply(args=(run_id, "user"))
+    result = tasks.STEP_TASKS["lookup_user"].apply(args=(run_id, "user"))
     assert isinstance(result.result, StepFailed)
     run = show_run(unit_settings.resolved_database_url, run_id)
     assert run is not None and run["status"] == "failed"

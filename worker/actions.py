@@ -1,4 +1,4 @@
-"""The four Entra actions as plain functions: a Graph client and string inputs in, JSON out.
+"""The code of the catalogue's Entra actions: a Graph client and string inputs in, JSON out.
 
 Every input is validated before the first request. The membership writes are idempotent:
 `already_member` and `not_member` are successes, which is also what makes a retry safe after
@@ -7,11 +7,11 @@ an ambiguous write (a write that timed out or was throttled but had in fact been
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from entraflow.catalogue import ACTIONS
 from worker.addressing import (
     add_member_ref_path,
     directory_object_url,
@@ -26,8 +26,9 @@ from worker.addressing import (
 from worker.errors import AlreadyMemberError, AmbiguousMatchError, InvalidInputError, NotFoundError
 from worker.graph import NEXT_LINK_KEY, GraphClient
 
-USER_FIELDS = ("id", "displayName", "givenName", "surname", "mail", "userPrincipalName", "jobTitle")
-GROUP_FIELDS = ("id", "displayName", "description", "mail", "mailEnabled", "securityEnabled")
+# A lookup's output is the Graph properties it selects, named as Graph names them.
+USER_FIELDS = ACTIONS["lookup_user"].outputs
+GROUP_FIELDS = ACTIONS["lookup_group"].outputs
 # The cheapest read that tells whether an object exists (GRAPH.md: `$select` costs 1 RU less).
 SELECT_ID = {"$select": "id"}
 
@@ -40,6 +41,22 @@ class ActionResult:
     request_id: str | None
 
 
+Action = Callable[..., ActionResult]
+ActionT = TypeVar("ActionT", bound=Action)
+
+# The function that runs each catalogue action, by action name; `implements` fills it.
+FUNCTIONS: dict[str, Action] = {}
+
+
+def implements(function: ActionT) -> ActionT:
+    """Make `function` the code of the catalogue action it is named after."""
+    if function.__name__ not in ACTIONS:
+        raise LookupError(f"{function.__name__} is not an action of the catalogue")
+    FUNCTIONS[function.__name__] = function
+    return function
+
+
+@implements
 def lookup_user(
     client: GraphClient,
     *,
@@ -80,6 +97,7 @@ def _only_user(email: str, data: dict[str, Any], request_id: str | None) -> dict
     return user
 
 
+@implements
 def lookup_group(client: GraphClient, *, group_id: str) -> ActionResult:
     """A group's profile, by object id."""
     response = client.request(
@@ -89,6 +107,7 @@ def lookup_group(client: GraphClient, *, group_id: str) -> ActionResult:
     return ActionResult({field: group.get(field) for field in GROUP_FIELDS}, response.request_id)
 
 
+@implements
 def add_user_to_group(client: GraphClient, *, user_id: str, group_id: str) -> ActionResult:
     """Add a user (object id or UPN) to a group: `added` or `already_member`."""
     members_path = add_member_ref_path(group_id)
@@ -107,6 +126,7 @@ def add_user_to_group(client: GraphClient, *, user_id: str, group_id: str) -> Ac
     return ActionResult({"success": True, "outcome": "added"}, response.request_id)
 
 
+@implements
 def remove_member_from_group(client: GraphClient, *, user_id: str, group_id: str) -> ActionResult:
     """Remove a member (object id or UPN) from a group: `removed` or `not_member`."""
     group_path(group_id)  # refuse a bad group id before resolving the user
@@ -155,34 +175,21 @@ def _not_found(message: str, cause: NotFoundError) -> NotFoundError:
     return NotFoundError(message, status=cause.status, code=cause.code, request_id=cause.request_id)
 
 
-Action = Callable[..., ActionResult]
-
-ACTIONS: dict[str, Action] = {
-    "lookup_user": lookup_user,
-    "lookup_group": lookup_group,
-    "add_user_to_group": add_user_to_group,
-    "remove_member_from_group": remove_member_from_group,
-}
-
-
 def run_action(client: GraphClient, name: str, inputs: Mapping[str, object]) -> ActionResult:
     """Run action `name` with `inputs`, refusing unknown actions and unknown or missing inputs."""
-    action = ACTIONS.get(name)
-    if action is None:
+    spec = ACTIONS.get(name)
+    if spec is None:
         raise InvalidInputError(f"unknown action {name!r}; known: {', '.join(ACTIONS)}")
-    # The action's keyword parameters, after the client, are its inputs.
-    parameters = list(inspect.signature(action).parameters.values())[1:]
-    accepted = {parameter.name for parameter in parameters}
-    required = {p.name for p in parameters if p.default is inspect.Parameter.empty}
-    unknown = sorted(set(inputs) - accepted)
+    unknown = sorted(set(inputs) - spec.inputs)
     if unknown:
         raise InvalidInputError(
-            f"{name} has no input {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}"
+            f"{name} has no input {', '.join(unknown)}; it takes {', '.join(sorted(spec.inputs))}"
         )
-    missing = sorted(required - set(inputs))
+    missing = sorted(spec.required_inputs - set(inputs))
     if missing:
         raise InvalidInputError(f"{name} needs the input {', '.join(missing)}")
-    return action(
+    required = spec.required_inputs
+    return FUNCTIONS[name](
         client, **{key: _string(key, value, key in required) for key, value in inputs.items()}
     )
 

@@ -1,8 +1,8 @@
 """The Celery tasks of bulk membership batches, thin adapters around `worker.bulk`.
 
-`entraflow.batch_start` splits a stored batch into chunks (one Graph request each, as
+`entra.batch.start` splits a stored batch into chunks (one Graph request each, as
 `chunk_rows` cuts them; the database numbers the items, once, without loading them), and
-queues a chunk task per chunk that still has rows. `entraflow.batch_chunk` applies one chunk's
+queues a chunk task per chunk that still has rows. `entra.batch.chunk` applies one chunk's
 rows not yet done and records each row's outcome. Both carry ids only, are acknowledged late,
 and are safe to receive twice: a chunk run again skips recorded rows, and the engine's outcomes
 make re-applying an unrecorded row harmless (Graph answers `already_member` / `not_member`).
@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import redis
-from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from kombu.exceptions import KombuError
-from sqlalchemy.exc import OperationalError
 
-from entraflow import logs, metrics
+from entraflow import metrics
 from entraflow.catalogue import BATCH_CHUNK_TASK, BATCH_START_TASK
-from entraflow.celery_app import app, max_retry_countdown_s
+from entraflow.celery_app import STORAGE_ERRORS, app
 from entraflow.settings import Settings, get_settings
 from models.batches import (
     ItemResult,
@@ -40,7 +37,7 @@ from worker.budget import MAX_BATCH_REQUESTS, MAX_MEMBERS_PER_PATCH, BudgetExhau
 from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk
 from worker.errors import TransientGraphError
 from worker.graph import GraphClient
-from worker.tasks import STORAGE_RETRY_S, lock_client, retry_argsrepr
+from worker.tasks import WorkerTask, lock_client
 
 log = logging.getLogger(__name__)
 
@@ -153,65 +150,60 @@ def _result(outcome: RowOutcome) -> ItemResult:
     )
 
 
-def _retry_countdown_s(settings: Settings, exc: TransientGraphError) -> float:
-    return min(exc.retry_after_s or settings.max_inprocess_wait_s, max_retry_countdown_s(settings))
+class BatchTask(WorkerTask):
+    """A task of a bulk membership batch; its first argument is the batch id."""
+
+    id_args = ("batch_id",)
+    # Retries are bounded by the Graph client's retry policy (a chunk it gives up on fails), not
+    # by a count: waits for the shared budget may send a chunk back to the queue many times.
+    max_retries = None
 
 
-@app.task(name=BATCH_START_TASK, bind=True, max_retries=None)
-def start_batch(self: Task, batch_id: str) -> dict[str, Any]:
+class StartTask(BatchTask):
+    """The task that splits a batch and queues its chunks."""
+
+    # The broker went away mid-way: split again later (a chunk queued twice is harmless).
+    waits_for = (KombuError, *STORAGE_ERRORS)
+
+
+class ChunkTask(BatchTask):
+    """The task that applies one chunk of a batch."""
+
+    action = CHUNK_ACTION
+    # Stopped by the task time limit with nothing recorded, the chunk runs again: each run
+    # counts an attempt, so a chunk that always overruns ends its rows failed. Storage away:
+    # nothing was recorded for the rows not stored, and the next delivery applies them again.
+    waits_for = (TransientGraphError, SoftTimeLimitExceeded, *STORAGE_ERRORS)
+
+    def countdown_s(self, exc: Exception) -> float:
+        if isinstance(exc, TransientGraphError):
+            return exc.retry_after_s or get_settings().max_inprocess_wait_s
+        return super().countdown_s(exc)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        with self.log_context(args):
+            for outcome, rows in retval["outcomes"].items():
+                metrics.BATCH_ROWS.labels(outcome).inc(rows)
+            # There is no result backend (the history is in SQL), so progress goes out as an
+            # event: best effort, since the rows are recorded whether or not the broker takes it.
+            try:
+                self.send_event(PROGRESS_EVENT, **retval)
+            except KombuError as exc:
+                log.warning("batch %s chunk %d progress event not sent: %s", *args, exc)
+
+
+@app.task(name=BATCH_START_TASK, base=StartTask)
+def start_batch(batch_id: str) -> dict[str, Any]:
     """Split a batch into chunks and queue a chunk task for each chunk with rows left."""
-    with logs.bound(batch_id=batch_id):
-        try:
-            chunks = split_batch(get_settings(), batch_id)
-        except OperationalError as exc:
-            raise self.retry(
-                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
-            ) from exc
-        try:
-            for chunk in chunks:
-                apply_batch_chunk.apply_async(
-                    args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
-                )
-        except KombuError as exc:
-            # The broker went away mid-way: split again later (a chunk queued twice is harmless).
-            raise self.retry(
-                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
-            ) from exc
-        return {"batch_id": batch_id, "queued_chunks": len(chunks)}
+    chunks = split_batch(get_settings(), batch_id)
+    for chunk in chunks:
+        apply_batch_chunk.apply_async(
+            args=(batch_id, chunk), argsrepr=f"batch_id={batch_id!r}, chunk={chunk}"
+        )
+    return {"batch_id": batch_id, "queued_chunks": len(chunks)}
 
 
-# Retries are bounded by the Graph client's retry policy (a chunk it gives up on fails), not by
-# a count: waits for the shared budget may send a chunk back to the queue many times.
-@app.task(name=BATCH_CHUNK_TASK, bind=True, max_retries=None)
-def apply_batch_chunk(self: Task, batch_id: str, chunk: int) -> dict[str, Any]:
+@app.task(name=BATCH_CHUNK_TASK, base=ChunkTask)
+def apply_batch_chunk(batch_id: str, chunk: int) -> dict[str, Any]:
     """Apply one chunk of a batch and record each row's outcome."""
-    with logs.bound(batch_id=batch_id, action=CHUNK_ACTION):
-        settings = get_settings()
-        try:
-            result = run_chunk(settings, bulk_graph_client(), batch_id, chunk)
-        except TransientGraphError as exc:
-            countdown_s = _retry_countdown_s(settings, exc)
-            log.info("batch %s chunk %d retries in %.1f s: %s", batch_id, chunk, countdown_s, exc)
-            raise self.retry(countdown=countdown_s, exc=exc, argsrepr=retry_argsrepr(self)) from exc
-        except SoftTimeLimitExceeded as exc:
-            # Stopped by the task time limit with nothing recorded: run the chunk again. Each
-            # run counts an attempt, so a chunk that always overruns ends its rows failed.
-            log.warning("batch %s chunk %d stopped by the task time limit", batch_id, chunk)
-            raise self.retry(
-                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
-            ) from exc
-        except (OperationalError, redis.RedisError) as exc:
-            # Nothing was recorded for the rows not stored: the next delivery applies them again.
-            log.warning("batch %s chunk %d waits for storage: %s", batch_id, chunk, exc)
-            raise self.retry(
-                countdown=STORAGE_RETRY_S, exc=exc, argsrepr=retry_argsrepr(self)
-            ) from exc
-        for outcome, rows in result.outcomes.items():
-            metrics.BATCH_ROWS.labels(outcome).inc(rows)
-        # There is no result backend (the history is in SQL), so progress goes out as an event:
-        # best effort, since the rows are recorded whether or not the broker takes it.
-        try:
-            self.send_event(PROGRESS_EVENT, **result.to_dict())
-        except KombuError as exc:
-            log.warning("batch %s chunk %d progress event not sent: %s", batch_id, chunk, exc)
-        return result.to_dict()
+    return run_chunk(get_settings(), bulk_graph_client(), batch_id, chunk).to_dict()
