@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from entraflow import keys
+from scheduler.strict_json import NestedTooDeeply, StrictJSONError, shown, strict_loads
 
 # The largest event the scheduler accepts, in bytes of its JSON (issue 3: 256 KiB).
 MAX_EVENT_BYTES = 256 * 1024
@@ -53,8 +54,6 @@ _INTEGER_BOUND = 10**MAX_INTEGER_DIGITS
 # (a JSON decoder joins a valid pair into one character, so any left is lone; PostgreSQL refuses
 # them, SQLite stored them, and neither is Unicode text).
 _UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
-# The most of a value a reason quotes.
-_SHOWN_CHARS = 60
 # The stream entry's one field.
 EVENT_FIELD = "event"
 # CloudEvents extension attribute names: lower-case ASCII letters and digits.
@@ -78,20 +77,13 @@ def parse_event(raw: bytes | str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"event is not UTF-8: {exc}") from exc
     try:
-        # The hooks refuse, as unusable, what json.loads takes and a database or Python does not.
-        event = json.loads(
-            text,
-            parse_int=_integer,
-            parse_float=_float,
-            parse_constant=_constant,
-            object_pairs_hook=_object,
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidEvent(f"event is not JSON: {exc}") from exc
-    except RecursionError as exc:
+        event = strict_loads(text, parse_int=_integer, parse_float=_float)
+    except NestedTooDeeply as exc:
         raise InvalidEvent(
             f"event is nested too deeply: over {MAX_NESTING_DEPTH} levels of objects and arrays"
         ) from exc
+    except StrictJSONError as exc:
+        raise InvalidEvent(f"event {exc}") from exc
     check_event(event)
     return dict(event)
 
@@ -105,7 +97,7 @@ def check_event(event: Any) -> None:
     for name in _REQUIRED_ATTRIBUTES:
         value = event.get(name)
         if not isinstance(value, str) or not value:
-            raise InvalidEvent(f"{name!r} must be a non-empty string, not {_shown(value)}")
+            raise InvalidEvent(f"{name!r} must be a non-empty string, not {shown(value)}")
     if "data_base64" in event:
         raise InvalidEvent("'data_base64' is not supported: flows read 'data' as a JSON object")
     data = event.get("data")
@@ -171,37 +163,14 @@ def _integer(literal: str) -> int:
 def _float(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):
-        raise InvalidEvent(f"event holds the number {_shown(literal)}, out of range of a double")
+        raise InvalidEvent(f"event holds the number {shown(literal)}, out of range of a double")
     return value
-
-
-def _constant(name: str) -> float:
-    # NaN, Infinity and -Infinity: Python's extension of JSON, refused by PostgreSQL.
-    raise InvalidEvent(f"event holds {name}, which JSON does not allow")
 
 
 def _constant_name(value: float) -> str:
     if math.isnan(value):
         return "NaN"
     return "Infinity" if value > 0 else "-Infinity"
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last of two equal keys, and PostgreSQL's json keeps both: refuse.
-    value = dict(pairs)
-    if len(value) < len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise InvalidEvent(f"event has the key {_shown(key)} twice in one object")
-            seen.add(key)
-    return value
-
-
-def _shown(value: Any) -> str:
-    """`value`'s repr, cut short: a reason names a value, it does not carry it."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} chars)"
 
 
 def build_event(

@@ -61,16 +61,17 @@ def max_rows(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[in
 # --- finding 12: a JSON line is a problem of its own line, whatever it holds ---
 
 
-def test_deep_nesting_huge_numbers_nan_and_non_objects_are_problems_of_their_lines(
+def test_deep_nesting_huge_numbers_nan_repeated_keys_and_non_objects_are_problems_of_their_lines(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    huge_number = "9" * 4400  # past Python's 4,300-digit limit on int()
+    huge_number = "9" * 4400  # past Python's 4,300-digit limit on int(), and the line's length
     lines = [
         json.dumps(row(1)),
         "[" * 100_000 + "]" * 100_000,
         '{"action": ' + "[" * 1500 + "]" * 1500 + "}",  # short enough, too deep to parse
         '{"action": "add", "user_id": ' + huge_number + f', "group_id": "{GROUP}"}}',
         f'{{"action": NaN, "user_id": "{user(2)}", "group_id": "{GROUP}"}}',
+        f'{{"action": "add", "action": "remove", "user_id": "{user(2)}", "group_id": "{GROUP}"}}',
         "[1, 2]",
         '"add"',
         "null",
@@ -83,8 +84,16 @@ def test_deep_nesting_huge_numbers_nan_and_non_objects_are_problems_of_their_lin
 
     assert code == 1, out
     error = json.loads(out)["error"]
-    assert [p["line"] for p in error["problems"]] == [2, 3, 4, 5, 6, 7, 8]
-    assert error["message"].startswith("7 invalid row(s), nothing queued")
+    assert [p["line"] for p in error["problems"]] == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert error["message"].startswith("8 invalid row(s), nothing queued")
+    messages = [p["message"] for p in error["problems"]]
+    assert messages[:2] == [
+        "the line is longer than 4096 characters",
+        "the line is nested too deeply",
+    ]
+    assert messages[2] == "the line is longer than 4096 characters"
+    assert messages[3] == "the line holds NaN, which JSON does not allow"
+    assert messages[4] == "the line has the key 'action' twice in one object"
     assert stored_batches() == []
     assert redis_client.llen(keys.BULK_QUEUE) == 0
 
@@ -93,9 +102,9 @@ def test_deep_nesting_huge_numbers_nan_and_non_objects_are_problems_of_their_lin
     assert code == 0, out
     batch = json.loads(out)
     assert batch["total"] == 2
-    assert [s["line"] for s in batch["skipped"]] == [2, 3, 4, 5, 6, 7, 8]
+    assert [s["line"] for s in batch["skipped"]] == [2, 3, 4, 5, 6, 7, 8, 9]
     rows = report_rows(settings.resolved_database_url, batch["id"])
-    assert [(r["line"], r["user_id"]) for r in rows] == [(1, user(1)), (9, user(3))]
+    assert [(r["line"], r["user_id"]) for r in rows] == [(1, user(1)), (10, user(3))]
 
 
 # --- finding 14: a row cap, lines never read whole, bounded memory ---
