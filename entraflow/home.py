@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 FOLDER_MODE = 0o700
@@ -45,6 +47,44 @@ def private_file(path: Path) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
     os.close(descriptor)
     tighten(path, FILE_MODE)
+
+
+def private_contents(folder: Path) -> None:
+    """Create `folder` 0700 or tighten it, and tighten each regular file in it to 0600."""
+    private_folder(folder)
+    tighten(folder, FOLDER_MODE)
+    for entry in folder.iterdir():
+        with suppress(FileNotFoundError):
+            if stat.S_ISREG(entry.lstat().st_mode):  # a symlink is not ours to change
+                tighten(entry, FILE_MODE)
+
+
+@contextmanager
+def open_private(path: Path) -> Iterator[int]:
+    """`path` opened for writing, created 0600 if it is not there; never through a symlink."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.fchmod(descriptor, FILE_MODE)
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` into `path`, 0600, whole or not at all.
+
+    Written beside it and renamed over it: a process reading it meanwhile, or after a crash
+    mid-write, never finds the file empty or cut short.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a crash of a process that had this pid
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        os.write(descriptor, text.encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
 
 
 def private_database(path: Path, home: Path) -> None:

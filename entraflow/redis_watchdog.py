@@ -21,7 +21,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported at run time only once detached (see `watch`)
+    from entraflow.redis_server import EmbeddedRedis
 
 # How often the watchdog looks at the server: one INFO a second costs the server nothing.
 WATCH_INTERVAL_S = 1.0
@@ -61,23 +64,36 @@ class IdleClock:
 def watch(folder: Path, idle_stop_s: float, server_pid: int) -> None:
     """Watch server `server_pid` of `folder` until it goes; shut it down once idle that long."""
     # Imported here, after `main` detached: the launcher waits for that fork, not for imports.
-    import redis
+    from entraflow.home import open_private
+    from entraflow.redis_server import EmbeddedRedis
 
+    # Held while this watchdog lives: a later watchdog of the folder waits for it.
+    with open_private(folder / LOCK_FILE) as lock:
+        if _took_lock(lock, server_pid):
+            _watch_server(EmbeddedRedis(folder, idle_stop_s), idle_stop_s, server_pid)
+
+
+def _took_lock(lock: int, server_pid: int) -> bool:
+    """Wait for the folder's watchdog lock; False if server `server_pid` went meanwhile."""
     from entraflow.process_info import is_running
-    from entraflow.redis_server import WATCHDOG_CLIENT_NAME, EmbeddedRedis, probe_client, shutdown
 
-    server = EmbeddedRedis(folder, idle_stop_s)
-    descriptor = os.open(folder / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     # The lock is held by the watchdog of a server this one replaced, until it sees it gone; or,
     # when this one was slow to start, by the watchdog of the server that replaced this one's.
     while True:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
             if not is_running(server_pid):
-                return
+                return False
             time.sleep(WATCH_INTERVAL_S)
+
+
+def _watch_server(server: EmbeddedRedis, idle_stop_s: float, server_pid: int) -> None:
+    import redis
+
+    from entraflow.redis_server import WATCHDOG_CLIENT_NAME, probe_client, shutdown
+
     port, password = server.recorded_port(), server.password()
     if port is None or password is None:
         return
