@@ -12,12 +12,14 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from scheduler_thread import running
 from sqlalchemy import update
 from sqlalchemy.exc import DataError
 from sqlmodel import col, select
 
 from entraflow import keys
 from entraflow.settings import Settings
+from harness.waiting import wait_until
 from models.db import session_scope
 from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun, utcnow
@@ -463,25 +465,11 @@ def test_run_forever_survives_redis_being_unreachable_and_stops_on_request(
         first_try()
 
     monkeypatch.setattr(scheduler, "ensure_group", counted_try)
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    with running(scheduler) as errors:
+        # Each try reaches for the group first and fails: a third one means two failures survived.
+        wait_until(lambda: len(tries) >= 3 or errors, "a third try", timeout_s=WAIT_S, poll_s=0.01)
 
-    def run() -> None:
-        try:
-            scheduler.run_forever(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    # Each try reaches for the group first and fails: a third one means two failures survived.
-    deadline = time.monotonic() + WAIT_S
-    while thread.is_alive() and len(tries) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    stop.set()
-    thread.join(timeout=10)
-
-    assert not thread.is_alive() and errors == []
+    assert errors == []
     assert len(tries) >= 3
 
 

@@ -10,7 +10,6 @@ import json
 import logging
 import random
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ import psycopg
 import pytest
 import redis
 from kombu.exceptions import OperationalError as BrokerError
+from scheduler_thread import running
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import col, select
@@ -26,6 +26,7 @@ from sqlmodel import col, select
 from entraflow import keys
 from entraflow.settings import Settings
 from harness.stack import LocalStack
+from harness.waiting import wait_until
 from models.db import session_scope
 from models.flows import AcceptedEvent, Flow
 from models.runs import FlowRun
@@ -441,24 +442,10 @@ def test_run_forever_carries_on_after_an_unexpected_error(
     monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
     monkeypatch.setattr(intake, "READ_BLOCK_MS", READ_BLOCK_MS)
     push(redis_client, good_event("good"))
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    with running(scheduler) as errors:
+        wait_until(lambda: accepted_ids(settings) or errors, "the good event", timeout_s=WAIT_S)
 
-    def run() -> None:
-        try:
-            scheduler.run_forever(stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while thread.is_alive() and not accepted_ids(settings) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=WAIT_S)
-
-    assert errors == [] and not thread.is_alive()
+    assert errors == []
     assert accepted_ids(settings) == ["good"]
 
 
@@ -476,15 +463,10 @@ def test_housekeeping_failing_again_and_again_never_keeps_events_waiting(
     monkeypatch.setattr(intake, "BACKOFF_FIRST_S", 0.01)
     monkeypatch.setattr(intake, "READ_BLOCK_MS", READ_BLOCK_MS)
     push(redis_client, good_event("good"))
-    stop = threading.Event()
-    thread = threading.Thread(target=scheduler.run_forever, args=(stop,))
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not accepted_ids(settings) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=WAIT_S)
+    with running(scheduler) as errors:
+        wait_until(lambda: accepted_ids(settings) or errors, "the good event", timeout_s=WAIT_S)
 
+    assert errors == []
     assert accepted_ids(settings) == ["good"]
 
 
