@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from cli.main import SUBCOMMANDS, cli
 from harness.stack import sandbox_environment
 from sandbox.directory import (
     DEMO_GROUPS,
@@ -145,3 +148,13 @@ def test_the_demo_runs_example_events_through_scheduler_and_worker_and_exits_zer
     assert "All runs ended" in result.stdout
     # It stopped the Redis it started.
     assert not (tmp_path / "home" / "redis" / "port").exists()
+
+
+def test_every_subcommand_is_found_under_its_own_name_and_unknown_ones_are_refused() -> None:
+    with click.Context(cli) as context:
+        for name in SUBCOMMANDS:
+            command = cli.get_command(context, name)
+            assert command is not None and command.name == name
+        assert cli.get_command(context, "no-such-command") is None
+    result = CliRunner().invoke(cli, ["no-such-command"])
+    assert result.exit_code == 2 and "No such command 'no-such-command'" in result.output
