@@ -60,12 +60,11 @@ from models.connections import (
 from models.db import utcnow
 from worker.errors import (
     FIRST_SERVER_ERROR_STATUS,
-    RETRY_AFTER_HEADER,
     AuthenticationError,
     GraphConnectionError,
     ServiceUnavailableError,
     ThrottledError,
-    parse_retry_after,
+    retry_after_s_of,
 )
 from worker.permissions import PUBLIC_GRAPH_SCOPE, scope_for_graph
 
@@ -195,7 +194,7 @@ def refuse_unavailable(response: requests.Response) -> requests.Response:
     """Raise for a throttled or failing token endpoint before oauthlib parses its body."""
     # oauthlib would report an unreadable error page as a missing token.
     status = response.status_code
-    retry_after_s = parse_retry_after(response.headers.get(RETRY_AFTER_HEADER))
+    retry_after_s = retry_after_s_of(response.headers)
     if status == HTTPStatus.TOO_MANY_REQUESTS:
         raise ThrottledError(
             "token endpoint throttled us", status=status, retry_after_s=retry_after_s
