@@ -19,8 +19,7 @@ from harness.waiting import poll_until
 from models.audit import AuditEntry
 from models.batches import FINAL_BATCH_STATUSES, BatchItem, ItemAction, NewItem, get_batch
 from models.db import session_scope
-from models.history import FINAL_RUN_STATUSES
-from models.runs import FlowRun, RunStatus
+from models.runs import FINAL_RUN_STATUSES, FlowRun, RunStatus
 from sandbox.app import SandboxApp
 from sandbox.directory import bulk_user_id
 from scheduler.batches import submit_batch

@@ -37,8 +37,7 @@ from chaos.harness import (
 from entraflow import keys
 from models.batches import BatchItem
 from models.db import session_scope
-from models.history import FINAL_RUN_STATUSES
-from models.runs import FlowRun, StepRun, StepStatus
+from models.runs import FINAL_RUN_STATUSES, FlowRun, StepRun, StepStatus
 from sandbox.directory import DEMO_GROUPS
 
 # The group every kill scenario adds to; each uses users of its own, so checks stay exact.

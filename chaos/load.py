@@ -25,8 +25,7 @@ from chaos.harness import Harness, Result, Scenario, Sizes, Tally, checked, fail
 from entraflow import keys, process_info
 from entraflow.redis_server import PID_FILE, EmbeddedRedis
 from models.db import session_scope
-from models.history import FINAL_RUN_STATUSES
-from models.runs import FlowRun, RunStatus
+from models.runs import FINAL_RUN_STATUSES, FlowRun, RunStatus
 from sandbox.directory import DEMO_GROUPS
 from scheduler.producer import EVENT_FIELD
 

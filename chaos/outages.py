@@ -34,7 +34,7 @@ from entraflow.celery_app import PUBLISH_PATIENCE_S
 from entraflow.redis_server import EmbeddedRedis
 from models.batch_reports import batch_view
 from models.db import SQLITE_BUSY_TIMEOUT_S
-from models.history import FINAL_RUN_STATUSES
+from models.runs import FINAL_RUN_STATUSES
 from sandbox.directory import DEMO_GROUPS
 from scheduler.producer import publish_raw
 from worker.tasks import REDIS_PATIENCE_S

@@ -32,7 +32,7 @@ from chaos.harness import (
     wait_for,
 )
 from entraflow import keys
-from models.history import FINAL_RUN_STATUSES
+from models.runs import FINAL_RUN_STATUSES
 from sandbox.directory import DEMO_GROUPS, bulk_user_id
 from scheduler.producer import (
     EVENT_FIELD,

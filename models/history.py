@@ -12,9 +12,8 @@ from sqlmodel import Session, col, select
 
 from models.db import session_scope, utcnow
 from models.flows import AcceptedEvent
-from models.runs import FlowRun, RunStatus, StepRun
+from models.runs import FINAL_RUN_STATUSES, FlowRun, RunStatus, StepRun
 
-FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
 # Rows deleted per transaction: short transactions keep workers' writes flowing meanwhile.
 PRUNE_ROWS_PER_TRANSACTION = 500
 

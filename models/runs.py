@@ -35,6 +35,8 @@ class StepStatus(StrEnum):
 
 
 FINAL_STEP_STATUSES = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED})
+# A run in one of these is over: nothing of it runs again unless replayed.
+FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
 
 
 class FlowRun(SQLModel, table=True):

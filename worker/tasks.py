@@ -30,7 +30,7 @@ from entraflow.celery_app import (
 from entraflow.redis_server import redis_url
 from entraflow.settings import get_settings
 from models.db import forget_engines, is_transient_database_error, session_scope
-from models.runs import FlowRun, RunStatus
+from models.runs import FINAL_RUN_STATUSES, FlowRun
 from worker.actions import ActionResult, run_action
 from worker.graph import GraphClient
 from worker.steps import DuplicateDelivery, RetryLater, StepFailed, execute_step, fail_step
@@ -43,7 +43,6 @@ REDIS_PATIENCE_S = 30.0
 # The longest wait between two tries of a Redis command; the first is a tenth of a second.
 REDIS_RETRY_MAX_INTERVAL_S = 1.0
 REDIS_RETRY_FIRST_INTERVAL_S = 0.1
-FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED})
 
 
 @lru_cache(maxsize=1)
