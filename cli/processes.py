@@ -112,12 +112,30 @@ def _budget_usage(settings: Settings, client: redis.Redis) -> dict[str, tuple[in
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8765, show_default=True)
-def sandbox(host: str, port: int) -> None:
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="The median time Graph takes to answer a request (real Graph: about 100-300).",
+)
+@click.option(
+    "--latency-p99-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="The 99th percentile of that time, at least the median; unset, every answer takes it.",
+)
+def sandbox(host: str, port: int, latency_ms: float, latency_p99_ms: float) -> None:
     """Serve the Graph sandbox: a local stand-in for Microsoft Graph and its token endpoint."""
     from harness.stack import sandbox_environment
+    from sandbox.config import SandboxConfig
     from sandbox.server import SandboxServer
 
-    server = SandboxServer(host=host, port=port)
+    try:
+        config = SandboxConfig(latency_s=latency_ms / 1000, latency_p99_s=latency_p99_ms / 1000)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--latency-p99-ms") from exc
+    server = SandboxServer(config, host=host, port=port)
     # Never bound: it only names the sandbox by the loopback address it also listens on.
     named = server
     if host in WILDCARD_ADDRESSES:

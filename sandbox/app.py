@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 import threading
 import time
@@ -59,10 +60,13 @@ class SandboxApp:
         config: SandboxConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self._initial_config = config or SandboxConfig()
         self._clock = clock
         self._sleep = sleep
+        # Draws each Graph request's latency; a test passes a seeded one.
+        self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self.config = dataclasses.replace(self._initial_config)
         self.directory = Directory.seeded(self.config.bulk_users)
@@ -203,7 +207,7 @@ class SandboxApp:
         else:
             request = GraphRequest(method, segments, parse_query(query), body, base_url)
             answer, delay_s, _ = self._graph_part(request, path, headers, client_request_id)
-        delay_s += self.config.latency_s
+        delay_s += self.config.sampled_latency_s(self._rng)
         if delay_s > 0:
             self._sleep(delay_s)
         return answer.stamped(request_id, client_request_id).response()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -20,8 +22,15 @@ DEFAULT_WRITES_PER_WINDOW = 3000
 DEFAULT_WRITE_WINDOW_S = 150.0
 # How many extra users `user{n}@contoso.example` to seed, for paging and benchmarks.
 DEFAULT_BULK_USERS = 0
-# Seconds of latency added to every Graph request (not token or control requests).
+# Seconds of latency added to every Graph request (not token or control requests): the median.
 DEFAULT_LATENCY_S = 0.0
+# The 99th percentile of that latency; 0 (or the median) means every request takes the median.
+# Real Graph answers reads in about 100-300 ms and a 20-member PATCH often slower, with a tail.
+DEFAULT_LATENCY_P99_S = 0.0
+# The standard normal's 99th percentile: a log-normal latency's p99 is its median * e^(Z99 sigma).
+_Z99 = 2.3263478740408408
+# No request waits longer than this many times the p99: the log-normal's tail has no end.
+MAX_LATENCY_OVER_P99 = 4.0
 # Largest `$top` Graph accepts when listing group members, and the page size without `$top`.
 DEFAULT_MEMBERS_PAGE_MAX = 999
 DEFAULT_MEMBERS_PAGE_SIZE = 100
@@ -51,6 +60,7 @@ class SandboxConfig:
     patch_write_cost: PatchWriteCost = PatchWriteCost.REQUEST
     bulk_users: int = DEFAULT_BULK_USERS
     latency_s: float = DEFAULT_LATENCY_S
+    latency_p99_s: float = DEFAULT_LATENCY_P99_S
     members_page_max: int = DEFAULT_MEMBERS_PAGE_MAX
     members_page_size: int = DEFAULT_MEMBERS_PAGE_SIZE
     public_url: str = DEFAULT_PUBLIC_URL
@@ -61,8 +71,19 @@ class SandboxConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.latency_s < 0 or self.bulk_users < 0:
-            raise ValueError("latency_s and bulk_users cannot be negative")
+        if self.latency_s < 0 or self.latency_p99_s < 0 or self.bulk_users < 0:
+            raise ValueError("latency_s, latency_p99_s and bulk_users cannot be negative")
+        if 0 < self.latency_p99_s < self.latency_s:
+            raise ValueError("latency_p99_s cannot be below latency_s, the median")
+
+    def sampled_latency_s(self, rng: random.Random) -> float:
+        """One Graph request's latency: log-normal with median `latency_s`, 99th percentile
+        `latency_p99_s` (capped), or exactly `latency_s` when there is no spread."""
+        if self.latency_s <= 0 or self.latency_p99_s <= self.latency_s:
+            return self.latency_s
+        sigma = math.log(self.latency_p99_s / self.latency_s) / _Z99
+        sample_s = rng.lognormvariate(math.log(self.latency_s), sigma)
+        return min(sample_s, MAX_LATENCY_OVER_P99 * self.latency_p99_s)
 
     def updated(self, changes: dict[str, Any]) -> SandboxConfig:
         """A copy with `changes` applied; ValueError for a field not changeable at run time."""
@@ -87,6 +108,7 @@ RUNTIME_FIELDS = frozenset(
         "write_window_s",
         "patch_write_cost",
         "latency_s",
+        "latency_p99_s",
         "members_page_max",
         "members_page_size",
     }

@@ -11,10 +11,13 @@ from typing import Any
 
 import click
 import pytest
+import requests
 from click.testing import CliRunner
+from flower_process import free_port
 
 from cli.main import SUBCOMMANDS, cli
 from harness.stack import sandbox_environment
+from harness.waiting import wait_until
 from sandbox.directory import (
     DEMO_GROUPS,
     DEMO_USERS,
@@ -158,3 +161,36 @@ def test_every_subcommand_is_found_under_its_own_name_and_unknown_ones_are_refus
         assert cli.get_command(context, "no-such-command") is None
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code == 2 and "No such command 'no-such-command'" in result.output
+
+
+def test_the_sandbox_command_serves_the_latency_it_is_given(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "sandbox", f"--port={port}", "--latency-ms=200",
+         "--latency-p99-ms=500"],
+        env={**os.environ, "ENTRAFLOW_HOME": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def config() -> dict[str, Any] | None:
+            assert process.poll() is None, "the sandbox exited"
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/_sandbox/config", timeout=1)
+            except requests.ConnectionError:
+                return None
+            return dict(answer.json())
+
+        served = wait_until(config, "the sandbox to answer", timeout_s=COMMAND_TIMEOUT_S)
+        assert (served["latency_s"], served["latency_p99_s"]) == (0.2, 0.5)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_sandbox_command_refuses_a_99th_percentile_below_the_median() -> None:
+    result = CliRunner().invoke(cli, ["sandbox", "--latency-ms=200", "--latency-p99-ms=100"])
+
+    assert result.exit_code == 2
+    assert "latency_p99_s cannot be below latency_s" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import statistics
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +12,7 @@ import requests
 from sandbox_fixtures import AppClient, FakeClock, fetch_token, ref_url
 
 from sandbox.app import SandboxApp
-from sandbox.config import SandboxConfig
+from sandbox.config import MAX_LATENCY_OVER_P99, SandboxConfig
 from sandbox.directory import (
     DEMO_GROUP_ID,
     DEMO_GROUPS,
@@ -124,6 +126,7 @@ def test_config_changes_at_run_time(server: SandboxServer, session: requests.Ses
         {"ru_per_window": "many"},
         {"ru_per_window": 0},
         {"latency_s": -1},
+        {"latency_s": 0.2, "latency_p99_s": 0.1},
     ],
 )
 def test_config_refuses_what_cannot_change_at_run_time(
@@ -157,6 +160,38 @@ def test_latency_is_added_to_graph_requests_only() -> None:
     app.handle("GET", "/_sandbox/health", {})
 
     assert clock.slept == [0.25]
+
+
+def test_latency_with_a_spread_has_the_median_and_99th_percentile_asked_for() -> None:
+    config = SandboxConfig(latency_s=0.2, latency_p99_s=0.5)
+    rng = random.Random(17)
+
+    samples = sorted(config.sampled_latency_s(rng) for _ in range(20_000))
+
+    assert statistics.median(samples) == pytest.approx(0.2, rel=0.03)
+    assert samples[int(0.99 * len(samples))] == pytest.approx(0.5, rel=0.06)
+    assert samples[0] > 0 and samples[-1] <= MAX_LATENCY_OVER_P99 * 0.5
+
+
+def test_latency_without_a_spread_is_the_same_for_every_request() -> None:
+    rng = random.Random(17)
+
+    assert {SandboxConfig(latency_s=0.2).sampled_latency_s(rng) for _ in range(100)} == {0.2}
+    assert SandboxConfig(latency_p99_s=0.5).sampled_latency_s(rng) == 0.0
+
+
+def test_each_graph_request_sleeps_a_latency_of_its_own() -> None:
+    clock = FakeClock()
+    config = SandboxConfig(latency_s=0.2, latency_p99_s=0.5)
+    app = SandboxApp(config, clock=clock, sleep=clock.sleep, rng=random.Random(5))
+    client = AppClient(app)
+
+    for _ in range(3):
+        client.get(f"/users/{ADELE.id}")
+
+    expected = random.Random(5)
+    assert clock.slept == [config.sampled_latency_s(expected) for _ in range(3)]
+    assert len(set(clock.slept)) == 3
 
 
 def test_the_demo_user_is_not_yet_in_the_demo_group() -> None:
