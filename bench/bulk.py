@@ -7,7 +7,12 @@ a few threads as fast as the same shared budget allows, on a share of the worklo
 (c) the limit the budget implies for the workload of (a): a rolling window lets no `write_window_s`
 hold more than `writes_per_window` writes. Every `$batch` part is one write (GRAPH.md).
 
-    .venv/bin/python -m bench.bulk [--adds 10000] [--removes 2000]
+    .venv/bin/python -m bench.bulk [--adds 10000] [--removes 2000] [--latency-ms 0,200,500]
+                                   [--latency-p99-ms 0,400,900]
+
+(a) runs once for each Graph latency, one after the other in the same run (after a small batch
+that warms the workers up), each on users of its own and in a fresh budget window; (b) runs
+once, at the first latency.
 
 Bulk work may use `ENTRAFLOW_LOW_PRIORITY_BUDGET_SHARE` of the budget; no interactive work runs
 here, so the bench gives it all (`--low-priority-share 1.0`) unless told otherwise.
@@ -27,6 +32,7 @@ from typing import Any
 
 import redis
 
+from bench.latency import Latency, add_latency_options, latencies_from
 from entraflow import process_info
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
@@ -57,6 +63,9 @@ FINISH_TIMEOUT_S = 900.0
 ADD_GROUP = DEMO_GROUPS["falcon"].id  # starts empty
 NAIVE_ADD_GROUP = DEMO_GROUPS["engineering"].id
 REMOVE_GROUP = DEMO_GROUPS["all-staff"].id  # holds every bulk user
+# A small batch first, not measured: worker processes start, fetch a token, fill their pools.
+WARM_UP_ADDS = 40
+WARM_UP_GROUP = DEMO_GROUPS["support"].id
 
 
 @dataclass
@@ -98,11 +107,21 @@ def _stats(stack: LocalStack) -> dict[str, Any]:
     return stack.sandbox.app.stats()
 
 
-def run_batch(stack: LocalStack, adds: int, removes: int) -> tuple[Result, dict[str, Any]]:
-    """(a): one batch through the stack's workers, from submit to its end."""
-    items = [NewItem(n, ItemAction.ADD, bulk_user_id(n), ADD_GROUP) for n in range(1, adds + 1)]
+def run_batch(
+    stack: LocalStack, adds: int, removes: int, first_user: int, add_group: str = ADD_GROUP
+) -> tuple[Result, dict[str, Any]]:
+    """(a): one batch through the stack's workers, from submit to its end.
+
+    It adds users `first_user` on to `add_group` and removes as many from the group that holds
+    every bulk user.
+    """
+    users = range(first_user, first_user + max(adds, removes))
+    items = [
+        NewItem(n, ItemAction.ADD, bulk_user_id(users[n - 1]), add_group)
+        for n in range(1, adds + 1)
+    ]
     items += [
-        NewItem(adds + n, ItemAction.REMOVE, bulk_user_id(n), REMOVE_GROUP)
+        NewItem(adds + n, ItemAction.REMOVE, bulk_user_id(users[n - 1]), REMOVE_GROUP)
         for n in range(1, removes + 1)
     ]
     before = _stats(stack)
@@ -127,7 +146,9 @@ def run_batch(stack: LocalStack, adds: int, removes: int) -> tuple[Result, dict[
     return result, view
 
 
-def run_naive(stack: LocalStack, adds: int, removes: int, threads: int) -> Result:
+def run_naive(
+    stack: LocalStack, adds: int, removes: int, threads: int, first_removal: int
+) -> Result:
     """(b): one request per membership, from `threads` threads paying from the shared budget."""
     settings = stack.settings
     # A loop has no queue to go back to: it sleeps through every wait for the budget.
@@ -135,8 +156,7 @@ def run_naive(stack: LocalStack, adds: int, removes: int, threads: int) -> Resul
     client = GraphClient.from_settings(
         settings, budget_redis=redis.Redis.from_url(settings.redis_url or ""), priority=Priority.LOW
     )
-    # Users the batch did not touch, so every request changes a membership.
-    first_removal = DEFAULT_REMOVES + 1
+    # Users the batches did not touch (from `first_removal` on), so every request changes one.
     work = [("add_user_to_group", bulk_user_id(n), NAIVE_ADD_GROUP) for n in range(1, adds + 1)]
     work += [
         ("remove_member_from_group", bulk_user_id(n), REMOVE_GROUP)
@@ -161,6 +181,15 @@ def run_naive(stack: LocalStack, adds: int, removes: int, threads: int) -> Resul
     )
 
 
+@dataclass
+class Phase:
+    """(a) at one Graph latency."""
+
+    latency: Latency
+    result: Result
+    view: dict[str, Any]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adds", type=int, default=DEFAULT_ADDS)
@@ -172,7 +201,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--naive-share", type=float, default=DEFAULT_NAIVE_SHARE)
     parser.add_argument("--naive-threads", type=int, default=DEFAULT_NAIVE_THREADS)
+    add_latency_options(parser)
     args = parser.parse_args()
+    latencies = latencies_from(parser, args)
 
     per_window, window_s = args.writes_per_window, args.write_window_s
     # The workers read these from their environment, this process from its settings.
@@ -181,11 +212,15 @@ def main() -> None:
     os.environ["ENTRAFLOW_LOW_PRIORITY_BUDGET_SHARE"] = str(args.low_priority_share)
     naive_adds = round(args.adds * args.naive_share)
     naive_removes = round(args.removes * args.naive_share)
+    # Each run of (a) takes users of its own; the baseline's removals take the ones after them.
+    users_per_phase = max(args.adds, args.removes)
+    first_naive_removal = len(latencies) * users_per_phase + 1
     config = SandboxConfig(
-        bulk_users=max(args.adds, naive_adds, DEFAULT_REMOVES + naive_removes, args.removes),
+        bulk_users=max(first_naive_removal - 1 + naive_removes, naive_adds),
         writes_per_window=per_window,
         write_window_s=window_s,
     )
+    phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="entraflow-bench-") as home:
         stack = LocalStack(
             home=Path(home),
@@ -196,11 +231,20 @@ def main() -> None:
         with stack:
             os.environ.update(stack.env)
             get_settings.cache_clear()
-            batch, view = run_batch(stack, args.adds, args.removes)
-            rss_kb = peak_rss_kb([p.pid for p in stack.worker_processes])
-            # A fresh window for the baseline, so both start with the same burst allowance.
+            run_batch(stack, WARM_UP_ADDS, 0, 1, add_group=WARM_UP_GROUP)
             time.sleep(window_s + 1)
-            naive = run_naive(stack, naive_adds, naive_removes, args.naive_threads)
+            for index, latency in enumerate(latencies):
+                stack.sandbox.app.configure(**latency.sandbox_changes())
+                first_user = index * users_per_phase + 1
+                batch, view = run_batch(stack, args.adds, args.removes, first_user)
+                phases.append(Phase(latency, batch, view))
+                # A fresh window for the next side, so every side starts with the same burst.
+                time.sleep(window_s + 1)
+            rss_kb = peak_rss_kb([p.pid for p in stack.worker_processes])
+            stack.sandbox.app.configure(**latencies[0].sandbox_changes())
+            naive = run_naive(
+                stack, naive_adds, naive_removes, args.naive_threads, first_naive_removal
+            )
 
     writes = batch_writes(args.adds, args.removes)
     limit_s = theoretical_s(writes, per_window, window_s)
@@ -209,32 +253,47 @@ def main() -> None:
     print(
         f"budget: {per_window} writes per {window_s:g} s ({per_window / window_s:g}/s), "
         f"low-priority share {args.low_priority_share:g}; workload {args.adds} adds, "
-        f"{args.removes} removals ({writes} writes batched)"
+        f"{args.removes} removals ({writes} writes batched); {args.workers} worker(s) of "
+        f"concurrency {args.concurrency}"
     )
-    print(f"{'side':<34}{'memberships':>12}{'seconds':>9}{'per s':>9}{'429s':>6}{'requests':>9}")
-    for name, result in (("(a) entraflow batch", batch), ("(b) naive, one request each", naive)):
+    print(
+        f"{'side':<34}{'latency ms':>12}{'memberships':>12}{'seconds':>9}{'per s':>9}"
+        f"{'of (c)':>8}{'429s':>6}{'requests':>9}"
+    )
+    for phase in phases:
+        result = phase.result
         print(
-            f"{name:<34}{result.memberships:>12}{result.elapsed_s:>9.1f}{result.per_s:>9.1f}"
+            f"{'(a) entraflow batch':<34}{phase.latency.label:>12}{result.memberships:>12}"
+            f"{result.elapsed_s:>9.1f}{result.per_s:>9.1f}{share_of(result.per_s, limit_per_s):>8}"
             f"{result.throttled:>6}{result.requests:>9}"
         )
-    print(f"{'(c) budget limit for (a)':<34}{args.adds + args.removes:>12}{limit_s:>9.1f}"
+    print(
+        f"{'(b) naive, one request each':<34}{phases[0].latency.label:>12}{naive.memberships:>12}"
+        f"{naive.elapsed_s:>9.1f}{naive.per_s:>9.1f}{'':>8}{naive.throttled:>6}{naive.requests:>9}"
+    )
+    print(f"{'(c) budget limit for (a)':<34}{'':>12}{args.adds + args.removes:>12}{limit_s:>9.1f}"
           f"{limit_per_s:>9.1f}")  # fmt: skip
-    print(f"(a)/(c) = {batch.per_s / limit_per_s:.1%}; (a)/(b) = {batch.per_s / naive.per_s:.1f}x")
+    first = phases[0].result
+    print(f"(a)/(b) at {phases[0].latency.label} ms = {first.per_s / naive.per_s:.1f}x")
     print(
         f"(b) against its own limit ({naive_limit_s:.1f} s): {naive_limit_s / naive.elapsed_s:.1%}"
         if naive.elapsed_s
         else ""
     )
-    print(
-        f"429s: (a) {batch.throttled} of {batch.requests} requests "
-        f"({batch.throttled / max(batch.requests, 1):.2%}), (b) {naive.throttled} of "
-        f"{naive.requests} ({naive.throttled / max(naive.requests, 1):.2%})"
-    )
-    print(f"batch: {view['status']}, outcomes {view['outcomes']}")
+    for phase in phases:
+        print(
+            f"batch at {phase.latency.label} ms: {phase.view['status']}, "
+            f"outcomes {phase.view['outcomes']}"
+        )
     print(
         f"peak RSS of the {len(rss_kb)} worker processes: largest {max(rss_kb) / 1024:.0f} MiB, "
         f"sum {sum(rss_kb) / 1024:.0f} MiB (pages shared after fork counted in each)"
     )
+
+
+def share_of(per_s: float, limit_per_s: float) -> str:
+    """`per_s` as a share of the limit; none when the workload fits in one window's burst."""
+    return f"{per_s / limit_per_s:.1%}" if math.isfinite(limit_per_s) else "-"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""Events to finished runs: entraflow against a plain Celery chain of no-op tasks, in one run.
+"""Events to finished runs at several Graph latencies, and against a plain Celery chain, in one run.
 
 entraflow: a producer XADDs CloudEvents; a real `entraflow scheduler` turns each into a run of
 the four-step `membership-round-trip` flow; a real worker runs it against the Graph sandbox over
-HTTP. Baseline: the same number of four-link chains of tasks that do nothing, sent straight to
-Celery on the same Redis, run by a plain Celery worker with the same concurrency. Each side runs
-twice: a burst (everything pushed at once: throughput) and a steady rate below what the burst
-reached (latency: from XADD, or the send, to the first Graph request, or the first link, and to
-the finished run).
+HTTP, which answers each Graph request after the latency of the phase (a median and, with
+`--latency-p99-ms`, a log-normal spread with that 99th percentile). At each latency entraflow runs
+twice, on its own users: a burst (everything pushed at once: throughput, also as a ratio to the
+0 ms burst) and a steady rate below what that burst reached (latency: from XADD, or the send, to
+the first Graph request, or the first link, and to the finished run).
+Baseline, once, at 0 ms: the same number of four-link chains of tasks that do nothing, sent
+straight to Celery on the same Redis, run by a plain Celery worker with the same concurrency,
+in a burst and at the 0 ms steady rate; it makes no Graph calls.
 
     .venv/bin/python -m bench.events [--events 300] [--concurrency 2]
+        [--latency-ms 0,200,500] [--latency-p99-ms 0,400,1000]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import redis
 from celery import chain
 from sqlmodel import col, select
 
+from bench.latency import Latency, add_latency_options, latencies_from
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
 from harness.waiting import wait_until
@@ -67,6 +72,16 @@ class Phase:
 
     def latencies_ms(self, ends: Mapping[str, float]) -> list[float]:
         return [(ends[key] - self.sent_s[key]) * 1000 for key in self.sent_s]
+
+
+@dataclass
+class Measured:
+    """One side at one latency: a burst, then a steady rate at a share of what it reached."""
+
+    latency: Latency
+    burst: Phase
+    steady: Phase
+    steady_rate_per_s: float
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -170,23 +185,73 @@ def noop_phase(redis_url: str, batch: str, count: int, rate_per_s: float | None)
     return Phase(sent_s, started, ended)
 
 
-def report(name: str, phase: Phase) -> None:
-    first = phase.latencies_ms(phase.first_s)
-    done = phase.latencies_ms(phase.finished_s)
+def entraflow_latency(
+    stack: LocalStack, clock: GraphClock, latency: Latency, users: range
+) -> Measured:
+    """A burst on the first half of `users`, then the steady rate on the second half."""
+    stack.sandbox.app.configure(**latency.sandbox_changes())
+    half = len(users) // 2
+    burst = entraflow_phase(stack, clock, users[:half], None)
+    rate_per_s = STEADY_SHARE_OF_BURST * burst.throughput_per_s()
+    steady = entraflow_phase(stack, clock, users[half:], rate_per_s)
+    return Measured(latency, burst, steady, rate_per_s)
+
+
+def row(side: str, measured: Measured, burst_to_zero: str) -> str:
+    latency, steady = measured.latency, measured.steady
+    done = steady.latencies_ms(steady.finished_s)
+    p99 = f"{latency.p99_ms:g}" if latency.p99_ms > latency.p50_ms else "-"
+    return (
+        f"{side:<20} {latency.p50_ms:>9g} {p99:>7} {measured.burst.throughput_per_s():>9.1f} "
+        f"{burst_to_zero:>9} {measured.steady_rate_per_s:>9.1f} {statistics.median(done):>9.1f} "
+        f"{percentile(done, 0.99):>9.1f}"
+    )
+
+
+def report(
+    count: int, concurrency: int, measured: list[Measured], zero: Measured, base: Measured
+) -> None:
+    """One table: entraflow at each latency, then the no-op chain; ratios to `zero`, at 0 ms."""
     print(
-        f"  {name:<22} {phase.throughput_per_s():7.1f} runs/s   to first request p50 "
-        f"{statistics.median(first):6.1f} ms p99 {percentile(first, 0.99):6.1f} ms   "
-        f"to finished p50 {statistics.median(done):6.1f} ms p99 {percentile(done, 0.99):6.1f} ms"
+        f"{count} events per phase, worker concurrency {concurrency}, one scheduler, "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        f"{'':<20} {'Graph ms':>17} {'burst':>9} {'burst /':>9} "
+        f"{'steady':>9} {'to finished ms':>19}"
+    )
+    print(
+        f"{'':<20} {'p50':>9} {'p99':>7} {'runs/s':>9} {'0 ms':>9} "
+        f"{'events/s':>9} {'p50':>9} {'p99':>9}"
+    )
+    zero_per_s = zero.burst.throughput_per_s()
+    for each in measured:
+        print(row("entraflow", each, f"{each.burst.throughput_per_s() / zero_per_s:.2f}"))
+    print(row("no-op Celery chain", base, "-"))
+    throughput_ratio = zero_per_s / base.burst.throughput_per_s()
+    ours_first = statistics.median(zero.steady.latencies_ms(zero.steady.first_s))
+    base_first = statistics.median(base.steady.latencies_ms(base.steady.first_s))
+    print(
+        f"ratio entraflow / no-op at 0 ms: burst throughput {throughput_ratio:.2f}; "
+        f"steady p50 to first request {ours_first / base_first:.1f}x"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=300)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=300, help="runs per phase")
     parser.add_argument("--concurrency", type=int, default=2)
+    add_latency_options(parser)
     args = parser.parse_args()
+    if 0 not in args.latency_ms:
+        parser.error("--latency-ms needs a 0: the rate the other latencies are compared to")
+    latencies = latencies_from(parser, args)
+    zero_index = args.latency_ms.index(0)
     count = args.events
-    sandbox = SandboxServer(SandboxConfig(bulk_users=3 * count))
+    # Every phase takes users of its own: a second run for the same user finds it already a member.
+    sandbox = SandboxServer(SandboxConfig(bulk_users=2 * count * len(latencies)))
     with tempfile.TemporaryDirectory() as home:
         stack = LocalStack(
             home=Path(home), concurrency=args.concurrency, schedulers=1, sandbox=sandbox
@@ -206,30 +271,25 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
             os.environ["BENCH_REDIS_URL"] = stack.redis_url
+            measured: list[Measured] = []
             try:
-                ours_burst = entraflow_phase(stack, clock, range(1, count + 1), None)
-                base_burst = noop_phase(stack.redis_url, "burst", count, None)
-                rate = STEADY_SHARE_OF_BURST * ours_burst.throughput_per_s()
-                steady_users = range(count + 1, 2 * count + 1)
-                ours_steady = entraflow_phase(stack, clock, steady_users, rate)
-                base_steady = noop_phase(stack.redis_url, "steady", count, rate)
+                for index, latency in enumerate(latencies):
+                    first_user = 1 + 2 * count * index
+                    users = range(first_user, first_user + 2 * count)
+                    measured.append(entraflow_latency(stack, clock, latency, users))
+                    if index == zero_index:
+                        rate = measured[-1].steady_rate_per_s
+                        base = Measured(
+                            latency,
+                            noop_phase(stack.redis_url, "burst", count, None),
+                            noop_phase(stack.redis_url, "steady", count, rate),
+                            rate,
+                        )
             finally:
+                stack.sandbox.app.configure(**Latency(0.0).sandbox_changes())
                 noop_worker.terminate()
                 noop_worker.wait()
-    print(f"{count} events, worker concurrency {args.concurrency}, one scheduler, 2 cores")
-    print("burst (all pushed at once):")
-    report("entraflow", ours_burst)
-    report("no-op Celery chain", base_burst)
-    print(f"steady at {rate:.1f} events/s:")
-    report("entraflow", ours_steady)
-    report("no-op Celery chain", base_steady)
-    throughput_ratio = ours_burst.throughput_per_s() / base_burst.throughput_per_s()
-    ours_first = statistics.median(ours_steady.latencies_ms(ours_steady.first_s))
-    base_first = statistics.median(base_steady.latencies_ms(base_steady.first_s))
-    print(
-        f"ratio entraflow / no-op: burst throughput {throughput_ratio:.2f}; "
-        f"steady p50 to first request {ours_first / base_first:.1f}x"
-    )
+    report(count, args.concurrency, measured, measured[zero_index], base)
 
 
 if __name__ == "__main__":
