@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import redis
 import requests
 
 from entraflow.settings import get_settings
+from harness.ports import free_port
 from harness.stack import LocalStack
 from harness.waiting import wait_until
 from models.batch_reports import batch_view
@@ -49,12 +49,6 @@ BATCH_USERS = ("adele", "nestor", "megan", "lee")
 BATCH_GROUP = DEMO_GROUPS["falcon"].id
 # The states a task ends in, as Flower shows them (PROGRESS: a batch chunk's custom state).
 ENDED_STATES = {"SUCCESS", "FAILURE", "PROGRESS"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_flower(redis_url: str, port: int, password: str) -> subprocess.Popen[bytes]:

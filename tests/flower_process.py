@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,11 @@ from contextlib import contextmanager
 
 import requests
 
+from harness.ports import free_port
+
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 CREDENTIALS = ("operator", "a-long-test-password")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager

