@@ -57,7 +57,8 @@ DEFAULT_REMOVES = 2_000
 DEFAULT_NAIVE_SHARE = 0.2
 DEFAULT_NAIVE_THREADS = 8
 DEFAULT_WORKERS = 1
-DEFAULT_CONCURRENCY = 8
+# Writes one group answers at once before 503s, as on a real tenant (GRAPH.md: about 5).
+GROUP_WRITES_IN_FLIGHT = 5
 POLL_S = 0.2
 FINISH_TIMEOUT_S = 900.0
 ADD_GROUP = DEMO_GROUPS["falcon"].id  # starts empty
@@ -76,6 +77,8 @@ class Result:
     elapsed_s: float
     throttled: int
     requests: int
+    # Writes Graph answered 503 because their group had too many in flight.
+    busy: int = 0
 
     @property
     def per_s(self) -> float:
@@ -142,6 +145,7 @@ def run_batch(
         elapsed_s,
         after["throttled"] - before["throttled"],
         after["requests_total"] - before["requests_total"],
+        after["busy_group_refusals"] - before["busy_group_refusals"],
     )
     return result, view
 
@@ -178,6 +182,7 @@ def run_naive(
         elapsed_s,
         after["throttled"] - before["throttled"],
         after["requests_total"] - before["requests_total"],
+        after["busy_group_refusals"] - before["busy_group_refusals"],
     )
 
 
@@ -198,7 +203,10 @@ def main() -> None:
     parser.add_argument("--write-window-s", type=float, default=DEFAULT_WRITE_WINDOW_S)
     parser.add_argument("--low-priority-share", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument(
+        "--pool", choices=["threads", "prefork"], default=None, help="[default: the worker's]"
+    )
+    parser.add_argument("--concurrency", type=int, default=None, help="[default: the worker's]")
     parser.add_argument("--naive-share", type=float, default=DEFAULT_NAIVE_SHARE)
     parser.add_argument("--naive-threads", type=int, default=DEFAULT_NAIVE_THREADS)
     add_latency_options(parser)
@@ -219,12 +227,14 @@ def main() -> None:
         bulk_users=max(first_naive_removal - 1 + naive_removes, naive_adds),
         writes_per_window=per_window,
         write_window_s=window_s,
+        max_group_writes_in_flight=GROUP_WRITES_IN_FLIGHT,
     )
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="entraflow-bench-") as home:
         stack = LocalStack(
             home=Path(home),
             workers=args.workers,
+            pool=args.pool,
             concurrency=args.concurrency,
             sandbox=SandboxServer(config),
         )
@@ -253,23 +263,25 @@ def main() -> None:
     print(
         f"budget: {per_window} writes per {window_s:g} s ({per_window / window_s:g}/s), "
         f"low-priority share {args.low_priority_share:g}; workload {args.adds} adds, "
-        f"{args.removes} removals ({writes} writes batched); {args.workers} worker(s) of "
-        f"concurrency {args.concurrency}"
+        f"{args.removes} removals ({writes} writes batched); {args.workers} worker(s), pool "
+        f"{args.pool or 'default'}, concurrency {args.concurrency or 'default'}; a group answers "
+        f"503 past {GROUP_WRITES_IN_FLIGHT} writes in flight"
     )
     print(
         f"{'side':<34}{'latency ms':>12}{'memberships':>12}{'seconds':>9}{'per s':>9}"
-        f"{'of (c)':>8}{'429s':>6}{'requests':>9}"
+        f"{'of (c)':>8}{'429s':>6}{'busy 503s':>10}{'requests':>9}"
     )
     for phase in phases:
         result = phase.result
         print(
             f"{'(a) entraflow batch':<34}{phase.latency.label:>12}{result.memberships:>12}"
             f"{result.elapsed_s:>9.1f}{result.per_s:>9.1f}{share_of(result.per_s, limit_per_s):>8}"
-            f"{result.throttled:>6}{result.requests:>9}"
+            f"{result.throttled:>6}{result.busy:>10}{result.requests:>9}"
         )
     print(
         f"{'(b) naive, one request each':<34}{phases[0].latency.label:>12}{naive.memberships:>12}"
-        f"{naive.elapsed_s:>9.1f}{naive.per_s:>9.1f}{'':>8}{naive.throttled:>6}{naive.requests:>9}"
+        f"{naive.elapsed_s:>9.1f}{naive.per_s:>9.1f}{'':>8}{naive.throttled:>6}{naive.busy:>10}"
+        f"{naive.requests:>9}"
     )
     print(f"{'(c) budget limit for (a)':<34}{'':>12}{args.adds + args.removes:>12}{limit_s:>9.1f}"
           f"{limit_per_s:>9.1f}")  # fmt: skip

@@ -28,8 +28,7 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from scheduler.flows import apply_flows
 
-# One worker with two processes and one scheduler: this machine's two cores.
-WORKER_CONCURRENCY = 2
+# One worker as `entraflow worker` runs by default (a pool of threads) and one scheduler.
 SETTINGS_PREFIX = "ENTRAFLOW_"
 # The stack's own settings. A killed worker's messages come back after the visibility timeout,
 # so it is shorter than the default 300 s; one delivery's HTTP timeout and in-process waits are
@@ -70,9 +69,7 @@ def main() -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="entraflow-chaos-") as home:
         sandbox = SandboxServer(SandboxConfig(bulk_users=bulk_users))
-        stack = LocalStack(
-            home=Path(home), concurrency=WORKER_CONCURRENCY, schedulers=1, sandbox=sandbox
-        )
+        stack = LocalStack(home=Path(home), schedulers=1, sandbox=sandbox)
         with stack:
             os.environ.update(stack.env)
             get_settings.cache_clear()

@@ -108,7 +108,7 @@ class WorkerKill(StrEnum):
     # Seen by chance once; here the message is taken for it, so each run meets the window.
     TAKING = "taking a message"
     ANYWHERE = "anywhere"  # whole worker, the moment its target share is reached
-    POOL_PROCESS = "pool process"  # one pool process: Celery requeues its message at once
+    POOL_PROCESS = "pool process"  # one prefork pool process: Celery requeues its message at once
 
 
 class SchedulerKill(StrEnum):
@@ -252,8 +252,11 @@ def _worker_kills(harness: Harness, sizes: Sizes, kill: KillSizes, tally: Tally)
         workload: sorted(rng.uniform(KILL_SHARE_MIN, KILL_SHARE_MAX) for _ in range(kill.kills))
         for workload in Workload
     }
-    # Every kind of kill, about as often as each other, in a seeded order.
-    kinds = [list(WorkerKill)[n % len(WorkerKill)] for n in range(kill.kills * len(Workload))]
+    # Every kind of kill the worker's pool has, about as often as each other, in a seeded order.
+    # A threads pool (the default) has no pool process to kill on its own.
+    prefork = harness.stack.pool == "prefork"
+    possible = [k for k in WorkerKill if k is not WorkerKill.POOL_PROCESS or prefork]
+    kinds = [possible[n % len(possible)] for n in range(kill.kills * len(Workload))]
     rng.shuffle(kinds)
     before = harness.members(KILL_GROUP)
     latency_before = harness.sandbox.config.latency_s

@@ -18,6 +18,14 @@ from models.db import database_reachable
 from worker.budget import RU_BUDGET, WRITES_BUDGET, Budget
 from worker.tokens import connection_identity
 
+# The worker's pools: threads keep many Graph requests in flight on few CPUs (a Graph request
+# is mostly waiting); prefork runs one task per process, each process its own CPU and memory.
+THREADS_POOL = "threads"
+PREFORK_POOL = "prefork"
+WORKER_POOLS = (THREADS_POOL, PREFORK_POOL)
+# The threads pool's default size: requests in flight per worker process. At Graph's 100-500 ms
+# this covers the default write budget (20 writes/s) with room for flows' reads.
+DEFAULT_WORKER_THREADS = 32
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 # Under ENTRAFLOW_HOME: the files a worker's processes keep their metrics in.
 METRICS_DIR = "metrics"
@@ -32,7 +40,20 @@ WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 
 @click.command(context_settings=PASS_THROUGH)
 @click.option(
-    "--concurrency", "-c", type=int, default=None, help="Worker processes (default: CPUs)."
+    "--pool",
+    "-P",
+    type=click.Choice(WORKER_POOLS),
+    default=THREADS_POOL,
+    show_default=True,
+    help="threads: many Graph requests in flight in one process; prefork: one per process.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Tasks at once: threads [default: {DEFAULT_WORKER_THREADS}], or processes "
+    "[default: CPUs].",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option(
@@ -52,6 +73,7 @@ WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 @click.pass_context
 def worker(
     ctx: click.Context,
+    pool: str,
     concurrency: int | None,
     loglevel: str,
     queues: str,
@@ -63,7 +85,9 @@ def worker(
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port:
         _serve_worker_metrics(settings, port)
-    argv = ["worker", f"--loglevel={loglevel}", f"--queues={queues}"]
+    argv = ["worker", f"--loglevel={loglevel}", f"--queues={queues}", f"--pool={pool}"]
+    if concurrency is None and pool == THREADS_POOL:
+        concurrency = DEFAULT_WORKER_THREADS
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     app.worker_main([*argv, *ctx.args])

@@ -48,3 +48,8 @@ def graph_pause(app_id: str, tenant_id: str, kind: str) -> str:
 def graph_slowdown(app_id: str, tenant_id: str) -> str:
     """The factor every worker scales the app's budgets by while Graph counts more than we do."""
     return f"{_graph_prefix(app_id, tenant_id)}:slowdown"
+
+
+def group_writes(app_id: str, tenant_id: str, group_id: str) -> str:
+    """The writes to one group in flight: a sorted set of request tokens by lease end."""
+    return f"{_graph_prefix(app_id, tenant_id)}:group-writes:{group_id.lower()}"

@@ -31,6 +31,9 @@ DEFAULT_RU_WINDOW_S = 10.0
 # Bulk (low-priority) work may use at most this share of either budget: the rest is kept for
 # interactive flows.
 DEFAULT_LOW_PRIORITY_BUDGET_SHARE = 0.9
+# Write requests to one group in flight at once, across every worker: Graph answers 503 past
+# about five (GRAPH.md). 0: no limit.
+DEFAULT_MAX_WRITES_PER_GROUP = 5
 
 # Refetch an access token this long before Graph would refuse it.
 DEFAULT_TOKEN_REFRESH_MARGIN_S = 300.0
@@ -133,6 +136,7 @@ class Settings(BaseSettings):
     ru_window_s: float = DEFAULT_RU_WINDOW_S
     patch_write_cost: PatchWriteCost = DEFAULT_PATCH_WRITE_COST
     low_priority_budget_share: float = DEFAULT_LOW_PRIORITY_BUDGET_SHARE
+    max_writes_per_group: int = Field(default=DEFAULT_MAX_WRITES_PER_GROUP, ge=0)
 
     token_refresh_margin_s: float = DEFAULT_TOKEN_REFRESH_MARGIN_S
     max_inprocess_wait_s: float = DEFAULT_MAX_INPROCESS_WAIT_S

@@ -52,7 +52,9 @@ class LocalStack:
     redis_url: str | None = None
     database_url: str | None = None
     workers: int = 1
-    concurrency: int = 2
+    # The workers' pool and its size; None: `entraflow worker`'s defaults (threads, 32).
+    pool: str | None = None
+    concurrency: int | None = None
     schedulers: int = 0
     # Where the first worker and scheduler serve /metrics; each next one takes the next port.
     worker_metrics_port: int = 0
@@ -130,7 +132,7 @@ class LocalStack:
         return process
 
     def worker_children(self, index: int) -> list[int]:
-        """The pids of worker `index`'s pool processes."""
+        """The pids of worker `index`'s pool processes (none in a threads pool)."""
         return process_info.children(self.worker_processes[index].pid)
 
     def kill_worker_child(self, index: int, pid: int) -> None:
@@ -142,7 +144,8 @@ class LocalStack:
     def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
         return self._spawn(
             "worker",
-            f"--concurrency={self.concurrency}",
+            *([f"--pool={self.pool}"] if self.pool else []),
+            *([f"--concurrency={self.concurrency}"] if self.concurrency else []),
             f"--hostname=worker{index}-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from itertools import islice
+from itertools import islice, zip_longest
 from typing import Any
 
 import sqlalchemy as sa
@@ -330,17 +330,29 @@ def _position(*partition_by: Any) -> Any:
 
 
 def pending_chunks(database_url: str, batch_id: str) -> list[int]:
-    """The chunks of a batch that still have rows to apply."""
+    """The chunks of a batch that still have rows to apply, in turns among their groups.
+
+    A group's adds are numbered together; queued in that order, every free worker thread would
+    write to one group at once, and Graph answers a group's writes past a few with 503s
+    (GRAPH.md). So the first chunk of each group comes first, then the second of each, and so
+    on; the removal chunks (each a `$batch` across groups) take their turns as one more group.
+    """
     with session_scope(database_url) as session:
-        chunks = session.exec(
-            select(BatchItem.chunk)
-            .where(BatchItem.batch_id == batch_id)
-            .where(col(BatchItem.outcome).is_(None))
-            .where(col(BatchItem.chunk).is_not(None))
-            .distinct()
-            .order_by(col(BatchItem.chunk))
+        chunks = session.execute(
+            sa.select(
+                _ITEMS.c.chunk, func.min(_ITEMS.c.action), func.min(func.lower(_ITEMS.c.group_id))
+            )
+            .where(_ITEMS.c.batch_id == batch_id)
+            .where(_ITEMS.c.outcome.is_(None))
+            .where(_ITEMS.c.chunk.is_not(None))
+            .group_by(_ITEMS.c.chunk)
+            .order_by(_ITEMS.c.chunk)
         ).all()
-        return [chunk for chunk in chunks if chunk is not None]
+    turns: dict[str | None, list[int]] = {}
+    for chunk, action, group in chunks:
+        key = group if action == ItemAction.ADD else None
+        turns.setdefault(key, []).append(chunk)
+    return [chunk for turn in zip_longest(*turns.values()) for chunk in turn if chunk is not None]
 
 
 def claim_chunk(database_url: str, batch_id: str, chunk: int) -> list[PendingItem]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -96,17 +97,23 @@ class Timestamp(TypeDecorator[datetime]):
 
 # One engine per URL in this process; a forked worker child drops the parent's.
 _engines: dict[str, Engine] = {}
+# The threads of a worker open an engine once between them: two would migrate the file at once.
+_engines_lock = threading.Lock()
 
 
 def get_engine(database_url: str) -> Engine:
     """One engine per URL and process; a SQLite file is migrated to the newest schema."""
     engine = _engines.get(database_url)
-    if engine is None:
-        engine = create_database_engine(database_url)
-        if engine.dialect.name == "sqlite":
-            migrations.upgrade(engine)
-        _engines[database_url] = engine
-    return engine
+    if engine is not None:
+        return engine
+    with _engines_lock:
+        engine = _engines.get(database_url)
+        if engine is None:
+            engine = create_database_engine(database_url)
+            if engine.dialect.name == "sqlite":
+                migrations.upgrade(engine)
+            _engines[database_url] = engine
+        return engine
 
 
 def create_database_engine(database_url: str, *, for_migrations: bool = False) -> Engine:

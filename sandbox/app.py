@@ -30,6 +30,7 @@ from sandbox.graph import (
     cost_of,
     resolve,
 )
+from sandbox.group_writes import GroupWrites, written_groups
 from sandbox.odata import parse_query, path_segments
 from sandbox.responses import GraphAnswer, GraphError, SandboxResponse
 from sandbox.stats import RouteKind, Stats
@@ -44,6 +45,8 @@ _AUTHORIZE_PATH = re.compile(r"^/([^/]+)/oauth2/v2\.0/authorize$")
 # `/me` is the signed-in user of a delegated token.
 ME_SEGMENT = "me"
 _CONTROL_MEMBERS_PATH = re.compile(r"^/groups/([^/]+)/members$")
+# What a group answers a write past `max_group_writes_in_flight`.
+BUSY_GROUP_MESSAGE = "The service is temporarily unavailable: too many writes to this group."
 # Graph's challenge on a 401, naming the identity platform and Graph's own app id.
 WWW_AUTHENTICATE = (
     'Bearer realm="", '
@@ -74,6 +77,7 @@ class SandboxApp:
         self._faults = FaultBook()
         self._throttle = Throttle(lambda: self.config)
         self._tokens = TokenIssuer(lambda: self.config, clock)
+        self._group_writes = GroupWrites()
 
     # --- control, as Python methods (the `/_sandbox` endpoints call these) ---
 
@@ -202,14 +206,26 @@ class SandboxApp:
         client_request_id = headers.get("client-request-id") or request_id
         base_url = f"http://{headers['host']}" if "host" in headers else self.config.public_url
         segments = path_segments(path[len(GRAPH_PREFIX) :])
-        if method == "POST" and segments == BATCH_SEGMENTS:
-            answer, delay_s = self._batch(path, headers, body, base_url, client_request_id)
-        else:
-            request = GraphRequest(method, segments, parse_query(query), body, base_url)
-            answer, delay_s, _ = self._graph_part(request, path, headers, client_request_id)
-        delay_s += self.config.sampled_latency_s(self._rng)
-        if delay_s > 0:
-            self._sleep(delay_s)
+        batch = method == "POST" and segments == BATCH_SEGMENTS
+        groups = written_groups(method, segments, body, batch=batch)
+        if not self._group_writes.enter(groups, self.config.max_group_writes_in_flight):
+            with self._lock:
+                self._stats.busy_group_refusals += 1
+                self._stats.responses[503] += 1
+            self._sleep(self.config.sampled_latency_s(self._rng))
+            answer = GraphError(503, "serviceNotAvailable", BUSY_GROUP_MESSAGE).answer()
+            return answer.stamped(request_id, client_request_id).response()
+        try:
+            if batch:
+                answer, delay_s = self._batch(path, headers, body, base_url, client_request_id)
+            else:
+                request = GraphRequest(method, segments, parse_query(query), body, base_url)
+                answer, delay_s, _ = self._graph_part(request, path, headers, client_request_id)
+            delay_s += self.config.sampled_latency_s(self._rng)
+            if delay_s > 0:
+                self._sleep(delay_s)
+        finally:
+            self._group_writes.leave(groups)
         return answer.stamped(request_id, client_request_id).response()
 
     def _authenticate(self, headers: Mapping[str, str]) -> IssuedToken | GraphAnswer:

@@ -35,6 +35,8 @@ class Stats:
     throttled: int = 0
     # Requests that arrived while their app had been told to wait by a 429.
     early_retries: int = 0
+    # Writes answered 503 because their group had `max_group_writes_in_flight` already.
+    busy_group_refusals: int = 0
     fault_hits: int = 0
     ru_charged: int = 0
     members_added: int = 0
@@ -53,6 +55,7 @@ class Stats:
             "responses": {str(status): n for status, n in sorted(self.responses.items())},
             "throttled": self.throttled,
             "early_retries": self.early_retries,
+            "busy_group_refusals": self.busy_group_refusals,
             "fault_hits": self.fault_hits,
             "ru_charged": self.ru_charged,
             "members_added": self.members_added,

@@ -150,12 +150,13 @@ class FakeTokens:
     """A token provider handing out `token-1`, `token-2`, ... and recording each call."""
 
     def __init__(self) -> None:
-        self.calls: list[bool] = []
+        # The token each call said Graph refused, None for a plain call.
+        self.calls: list[str | None] = []
         self._issued = 0
 
-    def token(self, force_refresh: bool = False) -> str:
-        """The current token; a new one when forced."""
-        self.calls.append(force_refresh)
-        if force_refresh or not self._issued:
+    def token(self, rejected: str | None = None) -> str:
+        """The current token; a new one when the current one is `rejected`."""
+        self.calls.append(rejected)
+        if not self._issued or rejected == f"token-{self._issued}":
             self._issued += 1
         return f"token-{self._issued}"

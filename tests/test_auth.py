@@ -121,13 +121,16 @@ def test_a_short_lived_token_is_used_for_half_its_life_whatever_the_margin() -> 
     assert tokens.token() == "second"
 
 
-def test_force_refresh_fetches_a_new_token() -> None:
+def test_a_rejected_token_is_fetched_anew_once_however_many_callers_saw_it_rejected() -> None:
     transport = FakeTransport([token_reply("first"), token_reply("second")])
     tokens = provider(transport)
 
     assert tokens.token() == "first"
-    assert tokens.token(force_refresh=True) == "second"
+    assert tokens.token(rejected="first") == "second"
+    # Other threads that sent "first" at the same moment take the new one, no fetch of their own.
+    assert tokens.token(rejected="first") == "second"
     assert tokens.token() == "second"
+    assert len(transport.requests) == 2
 
 
 def test_entra_answering_another_scope_list_is_accepted_without_touching_the_environment() -> None:

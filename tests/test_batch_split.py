@@ -120,7 +120,7 @@ def test_a_mixed_batch_is_split_into_the_chunks_chunk_rows_gives(
     expected = chunk_rows_numbering(settings, batch_id)
     count = len(set(expected.values()))
 
-    assert split_batch(settings, batch_id) == list(range(count))
+    assert sorted(split_batch(settings, batch_id)) == list(range(count))
 
     assert chunks_by_item(settings, batch_id) == expected
     assert stored_chunk_count(settings, batch_id) == count
@@ -202,7 +202,7 @@ def test_a_split_cut_short_half_way_leaves_the_batch_unsplit_and_the_next_splits
     assert stored_chunk_count(settings, batch_id) is None
     assert set(chunks_by_item(settings, batch_id).values()) == {None}
 
-    assert split_batch(settings, batch_id) == list(range(len(set(expected.values()))))
+    assert sorted(split_batch(settings, batch_id)) == list(range(len(set(expected.values()))))
     assert chunks_by_item(settings, batch_id) == expected
 
 

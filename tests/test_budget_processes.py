@@ -32,7 +32,7 @@ class _SandboxTokens:
     def __init__(self, url: str) -> None:
         self._token = fetch_token(requests.Session(), url)
 
-    def token(self, force_refresh: bool = False) -> str:
+    def token(self, rejected: str | None = None) -> str:
         return self._token
 
 

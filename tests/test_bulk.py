@@ -46,8 +46,8 @@ class SandboxTokens:
         self._app = app
         self._token: str | None = None
 
-    def token(self, force_refresh: bool = False) -> str:
-        if force_refresh or self._token is None:
+    def token(self, rejected: str | None = None) -> str:
+        if self._token is None or self._token == rejected:
             self._token = self._app.issue_token()
         return self._token
 

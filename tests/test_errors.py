@@ -255,7 +255,7 @@ def test_every_error_class_says_when_it_is_raised() -> None:
         if inspect.isclass(value) and issubclass(value, EntraflowError)
     ]
 
-    assert len(classes) == 15
+    assert len(classes) == 16
     for error_class in classes:
         assert (error_class.__doc__ or "").startswith("Raised when "), error_class
         assert "\n" not in (error_class.__doc__ or ""), error_class

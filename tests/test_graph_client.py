@@ -116,7 +116,7 @@ def test_a_401_refreshes_the_token_once_and_resends() -> None:
     response = client_with(transport, tokens).request("GET", f"/users/{UID}")
 
     assert response.data == {"id": UID}
-    assert tokens.calls == [False, True]
+    assert tokens.calls == [None, "token-1"]
     assert [r.headers["Authorization"] for r in transport.requests] == [
         "Bearer token-1",
         "Bearer token-2",
@@ -133,7 +133,7 @@ def test_a_second_401_is_an_authentication_error() -> None:
         client_with(transport, tokens).request("GET", f"/users/{UID}")
 
     assert len(transport.requests) == 2
-    assert tokens.calls == [False, True]
+    assert tokens.calls == [None, "token-1"]
     assert raised.value.request_id == "r-2"
     assert "token-" not in str(raised.value)
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cli.processes import DEFAULT_WORKER_THREADS
 from entraflow import process_info
 from entraflow.celery_app import app
 from entraflow.settings import Settings
@@ -32,9 +33,24 @@ def scheduler_stack(settings: Settings) -> Iterator[LocalStack]:
         yield local
 
 
+@pytest.fixture
+def prefork_stack(settings: Settings) -> Iterator[LocalStack]:
+    """The sandbox and one worker running a pool of two processes."""
+    local = LocalStack(
+        home=settings.home,
+        redis_url=settings.redis_url,
+        database_url=settings.database_url,
+        pool="prefork",
+        concurrency=2,
+    )
+    with local:
+        yield local
+
+
 def test_a_killed_worker_takes_its_pool_with_it_and_restarts_in_its_place(
-    stack: LocalStack,
+    prefork_stack: LocalStack,
 ) -> None:
+    stack = prefork_stack
     wait_until(lambda: len(stack.worker_children(0)) == stack.concurrency, "the pool")
     killed = stack.worker_processes[0]
     pool = stack.worker_children(0)
@@ -52,7 +68,10 @@ def test_a_killed_worker_takes_its_pool_with_it_and_restarts_in_its_place(
     wait_until(lambda: len(stack.worker_children(0)) == stack.concurrency, "the new pool")
 
 
-def test_a_killed_pool_process_is_replaced_and_its_worker_lives_on(stack: LocalStack) -> None:
+def test_a_killed_pool_process_is_replaced_and_its_worker_lives_on(
+    prefork_stack: LocalStack,
+) -> None:
+    stack = prefork_stack
     # Not before the worker is up: a pool process dying while it starts ends the whole worker.
     wait_until(lambda: bool(app.control.ping(timeout=PING_TIMEOUT_S)), "the worker to answer")
     victim, *survivors = stack.worker_children(0)
@@ -110,3 +129,15 @@ def test_only_the_last_scheduler_stops_alone(scheduler_stack: LocalStack) -> Non
     assert second.returncode is not None
     assert stack.scheduler_processes == [first]
     assert first.poll() is None
+
+
+def test_the_default_worker_is_one_process_of_many_threads(settings: Settings) -> None:
+    with LocalStack(
+        home=settings.home, redis_url=settings.redis_url, database_url=settings.database_url
+    ) as local:
+        wait_until(lambda: bool(app.control.ping(timeout=PING_TIMEOUT_S)), "the worker to answer")
+        (stats,) = (app.control.inspect(timeout=PING_TIMEOUT_S).stats() or {}).values()
+
+        assert stats["pool"]["implementation"].endswith("thread:TaskPool")
+        assert stats["pool"]["max-concurrency"] == DEFAULT_WORKER_THREADS
+        assert local.worker_children(0) == []

@@ -33,9 +33,9 @@ from models.batches import (
     release_attempt,
     split_into_chunks,
 )
-from worker.budget import MAX_BATCH_REQUESTS, MAX_MEMBERS_PER_PATCH, BudgetExhaustedError, Priority
+from worker.budget import MAX_BATCH_REQUESTS, MAX_MEMBERS_PER_PATCH, Priority
 from worker.bulk import Outcome, Row, RowAction, RowOutcome, apply_chunk
-from worker.errors import TransientGraphError
+from worker.errors import SharedLimitError, TransientGraphError
 from worker.graph import GraphClient
 from worker.tasks import WorkerTask, lock_client
 
@@ -116,7 +116,7 @@ def run_chunk(settings: Settings, client: GraphClient, batch_id: str, chunk: int
     else:
         try:
             outcomes = apply_chunk(client, rows)
-        except BudgetExhaustedError:
+        except SharedLimitError:
             release_attempt(database_url, [item.id for item in items])
             raise
         except TransientGraphError as exc:

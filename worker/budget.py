@@ -40,7 +40,7 @@ from entraflow.settings import (
     PatchWriteCost,
     Settings,
 )
-from worker.errors import TransientGraphError, retry_after_s_of
+from worker.errors import SharedLimitError, retry_after_s_of
 
 PRIORITY_HEADER = "x-ms-throttle-priority"
 RESOURCE_UNIT_HEADER = "x-ms-resource-unit"
@@ -184,10 +184,9 @@ class Priority(StrEnum):
     HIGH = "High"
 
 
-class BudgetExhaustedError(TransientGraphError):
+class BudgetExhaustedError(SharedLimitError):
     """Raised when the shared Graph budget needs a longer wait than a worker should sleep."""
 
-    outcome = "throttled"
     summary = "the shared Graph budget is spent"
 
 

@@ -127,6 +127,14 @@ class TransientGraphError(GraphError):
         return f"{text} (gave up retrying)" if self.retries_exhausted else text
 
 
+class SharedLimitError(TransientGraphError):
+    """Raised when a limit all workers share (the budget, a group's slots) asks for a long wait."""
+
+    # No failure of Graph's: the work goes back to the queue and waits, spending neither a
+    # step's retry time nor its delivery cap.
+    outcome = "throttled"
+
+
 class ThrottledError(TransientGraphError):
     """Raised when Graph throttles us (429); wait `retry_after_s` before the next request."""
 

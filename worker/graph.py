@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import redis
 import requests
+from requests.adapters import HTTPAdapter
 
 from entraflow import metrics
 from entraflow.settings import DEFAULT_HTTP_TIMEOUT_S, Settings
@@ -24,6 +26,7 @@ from worker.errors import (
     PermanentGraphError,
     error_from_answer,
 )
+from worker.group_writes import GroupWriteSlots, written_groups
 from worker.retry import RetryPolicy
 from worker.tokens import (
     SessionFactory,
@@ -38,6 +41,12 @@ CLIENT_REQUEST_ID_HEADER = "client-request-id"
 # The official SDKs number each retry in this request header (GRAPH.md, "Throttling").
 RETRY_ATTEMPT_HEADER = "Retry-Attempt"
 NEXT_LINK_KEY = "@odata.nextLink"
+# Connections kept open to the Graph host, across the threads of a worker: one per request in
+# flight (requests keeps 10 by default, and opens then drops a new one for every request past).
+KEPT_CONNECTIONS = 128
+# A write slot of a group is leased for the longest a request may hold it: its wait for the
+# budget, its HTTP timeout, and this margin.
+WRITE_SLOT_LEASE_MARGIN_S = 5.0
 # Redirects are refused rather than followed: our bearer token goes to the Graph host only.
 FIRST_NON_SUCCESS_STATUS = 300
 
@@ -78,14 +87,16 @@ class GraphClient:
         timeout_s: float = DEFAULT_HTTP_TIMEOUT_S,
         before_request: BeforeRequest | None = None,
         after_response: AfterResponse | None = None,
+        write_slots: GroupWriteSlots | None = None,
     ) -> None:
         self.graph_url = graph_url.rstrip("/")
         self._token_provider = token_provider
-        self._session = session or requests.Session()
+        self._session = session or pooled_session()
         self._retry_policy = retry_policy or RetryPolicy()
         self._timeout_s = timeout_s
         self._before_request = before_request
         self._after_response = after_response
+        self._write_slots = write_slots
 
     @classmethod
     def from_settings(
@@ -100,15 +111,28 @@ class GraphClient:
         """The client for the Graph `settings` name, as the stored connection or else the app.
 
         With `budget_redis`, every request first takes from the Graph budget that all workers
-        of this app and tenant share there (see worker.budget).
+        of this app and tenant share there (see worker.budget), and a write to a group a slot
+        of the group's (see worker.group_writes).
         """
         before_request = after_response = None
+        write_slots = None
         if budget_redis is not None:
             app_id, tenant_id = connection_identity(settings)
             budget = Budget.from_settings(
                 budget_redis, settings, app_id=app_id, tenant_id=tenant_id
             )
             before_request, after_response = budget_hooks(budget, priority)
+            if settings.max_writes_per_group:
+                write_slots = GroupWriteSlots(
+                    budget_redis,
+                    budget.app_id,
+                    budget.tenant_id,
+                    per_group=settings.max_writes_per_group,
+                    lease_s=settings.max_inprocess_wait_s
+                    + settings.http_timeout_s
+                    + WRITE_SLOT_LEASE_MARGIN_S,
+                    max_wait_s=settings.max_inprocess_wait_s,
+                )
         return cls(
             settings.graph_url,
             token_provider_for(settings, token_session_factory=token_session_factory),
@@ -121,6 +145,7 @@ class GraphClient:
             timeout_s=settings.http_timeout_s,
             before_request=before_request,
             after_response=metrics.counting_responses(after_response),
+            write_slots=write_slots,
         )
 
     def request(
@@ -186,10 +211,11 @@ class GraphClient:
         }
         if retry_number:
             request_headers[RETRY_ATTEMPT_HEADER] = str(retry_number)
-        response = self._send(method, url, json, request_headers, self._token_provider.token())
+        token = self._token_provider.token()
+        response = self._send(method, url, json, request_headers, token)
         if response.status_code == HTTPStatus.UNAUTHORIZED:
             # Tokens can be revoked or rolled before they expire: fetch a new one, once.
-            token = self._token_provider.token(force_refresh=True)
+            token = self._token_provider.token(rejected=token)
             response = self._send(method, url, json, request_headers, token)
         if response.status_code >= FIRST_NON_SUCCESS_STATUS:
             raise error_from_answer(
@@ -206,28 +232,46 @@ class GraphClient:
         self, method: str, url: str, json: Any, headers: Mapping[str, str], token: str
     ) -> requests.Response:
         target = url.removeprefix(self.graph_url)
-        if self._before_request:
-            self._before_request(method, target)
-        try:
-            response = self._session.request(
-                method,
-                url,
-                json=json,
-                headers={**headers, "Authorization": f"Bearer {token}"},
-                timeout=self._timeout_s,
-                allow_redirects=False,
-            )
-        except NO_ANSWER_ERRORS as exc:
-            raise GraphConnectionError(
-                f"{method} {target} got no answer ({type(exc).__name__})"
-            ) from exc
-        except requests.RequestException as exc:
-            raise PermanentGraphError(
-                f"{method} {target} could not be sent ({type(exc).__name__})"
-            ) from exc
-        if self._after_response:
-            self._after_response(response)
+        with self._holding_write_slots(method, target, json):
+            if self._before_request:
+                self._before_request(method, target)
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    json=json,
+                    headers={**headers, "Authorization": f"Bearer {token}"},
+                    timeout=self._timeout_s,
+                    allow_redirects=False,
+                )
+            except NO_ANSWER_ERRORS as exc:
+                raise GraphConnectionError(
+                    f"{method} {target} got no answer ({type(exc).__name__})"
+                ) from exc
+            except requests.RequestException as exc:
+                raise PermanentGraphError(
+                    f"{method} {target} could not be sent ({type(exc).__name__})"
+                ) from exc
+            if self._after_response:
+                self._after_response(response)
         return response
+
+    def _holding_write_slots(
+        self, method: str, target: str, json: Any
+    ) -> AbstractContextManager[None]:
+        """A slot of each group the request writes to, held while it is sent and answered."""
+        if self._write_slots is None:
+            return nullcontext()
+        return self._write_slots.holding(written_groups(method, target, json))
+
+
+def pooled_session() -> requests.Session:
+    """A `requests` session that keeps a connection open for each of many threads."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_maxsize=KEPT_CONNECTIONS)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
 def _json_or_none(response: requests.Response) -> Any:

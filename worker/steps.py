@@ -29,8 +29,7 @@ from models.audit import MEMBERSHIP_ACTIONS, FlowStep, current_actor, record_mem
 from models.db import session_scope
 from models.runs import FINAL_STEP_STATUSES, FlowRun, RunStatus, StepRun, StepStatus, utcnow
 from worker.actions import ActionResult
-from worker.budget import BudgetExhaustedError
-from worker.errors import EntraflowError, GraphError, TransientGraphError
+from worker.errors import EntraflowError, GraphError, SharedLimitError, TransientGraphError
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +181,11 @@ def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> 
     recorded_inputs = redact(inputs)
     try:
         result = perform(context.action, inputs)
-    except BudgetExhaustedError as exc:
-        # Waiting for our own share of Graph is no failure of Graph's: it spends neither the
-        # step's retry time nor its delivery cap (a batch chunk releases its attempt the same
-        # way). A backlog longer than the budget allows in that time must wait, not fail.
+    except SharedLimitError as exc:
+        # Waiting for our own share of Graph (its budget, a group's write slots) is no failure
+        # of Graph's: it spends neither the step's retry time nor its delivery cap (a batch
+        # chunk releases its attempt the same way). A backlog longer than the budget allows in
+        # that time must wait, not fail.
         _record(url, context, StepStatus.RETRYING, inputs=recorded_inputs, waited=True)
         raise RetryLater(exc.retry_after_s or settings.max_inprocess_wait_s, str(exc)) from exc
     except TransientGraphError as exc:

@@ -118,8 +118,12 @@ Answer = TypeVar("Answer")
 class TokenProvider(Protocol):
     """Anything that hands the Graph client a bearer token."""
 
-    def token(self, force_refresh: bool = False) -> str:
-        """A valid access token; a fresh one when `force_refresh`."""
+    def token(self, rejected: str | None = None) -> str:
+        """A valid access token, and never `rejected`, the one Graph just refused.
+
+        Many threads may find the same token refused at once: the first fetches a new one and
+        the others take it, instead of each fetching its own.
+        """
         ...
 
 
@@ -312,10 +316,14 @@ class ClientCredentialsTokenProvider:
         """Where the tokens come from."""
         return self._authority.endpoint(self._tenant_id, TOKEN_ENDPOINT)
 
-    def token(self, force_refresh: bool = False) -> str:
-        """The cached access token, fetched anew when forced or close to expiry."""
+    def token(self, rejected: str | None = None) -> str:
+        """The cached access token, fetched anew when `rejected` or close to expiry."""
         with self._lock:
-            if force_refresh or self._access_token is None or self._clock() >= self._refresh_at:
+            if (
+                self._access_token is None
+                or self._access_token == rejected
+                or self._clock() >= self._refresh_at
+            ):
                 self._access_token, self._refresh_at = self._fetch()
             return self._access_token
 
@@ -387,12 +395,12 @@ class StoredConnectionTokenProvider:
         self._provider = _provider_for(settings, connection, token_session_factory)
         self._checked_at = clock()
 
-    def token(self, force_refresh: bool = False) -> str:
-        """A valid access token of the connection stored now."""
+    def token(self, rejected: str | None = None) -> str:
+        """A valid access token of the connection stored now, never `rejected`."""
         # A refused token may mean the connection was replaced: one read tells.
-        provider = self._current(recheck=force_refresh)
+        provider = self._current(recheck=rejected is not None)
         try:
-            return provider.token(force_refresh)
+            return provider.token(rejected)
         except AuthenticationError:
             # A broken or removed connection may have been replaced since we last looked.
             replaced = self._current(recheck=True)
@@ -472,12 +480,12 @@ class DelegatedTokenProvider:
         self._access_token: str | None = None
         self._refresh_at = datetime.min.replace(tzinfo=UTC)
 
-    def token(self, force_refresh: bool = False) -> str:
-        """A valid access token; with `force_refresh`, one other than the last handed out."""
+    def token(self, rejected: str | None = None) -> str:
+        """A valid access token, never `rejected`."""
         with self._lock:
-            if not force_refresh and self._access_token and self._clock() < self._refresh_at:
-                return self._access_token
-            rejected = self._access_token if force_refresh else None
+            token = self._access_token
+            if token is not None and token != rejected and self._clock() < self._refresh_at:
+                return token
             self._access_token = None
             usable = self._usable(load_connection(self._database_url), rejected)
             if usable is None:
