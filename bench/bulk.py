@@ -39,7 +39,7 @@ from harness.stack import LocalStack
 from models.batch_reports import batch_view
 from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem
 from sandbox.config import SandboxConfig
-from sandbox.directory import DEMO_GROUPS, bulk_user_id
+from sandbox.directory import DEMO_GROUPS, bulk_user_id, seed_id
 from sandbox.server import SandboxServer
 from scheduler.batches import submit_batch
 from worker.actions import run_action
@@ -61,7 +61,9 @@ DEFAULT_WORKERS = 1
 GROUP_WRITES_IN_FLIGHT = 5
 POLL_S = 0.2
 FINISH_TIMEOUT_S = 900.0
-ADD_GROUP = DEMO_GROUPS["falcon"].id  # starts empty
+# The batches add to this many empty groups of their own, in turns, as a batch of hires to
+# several teams would (a single group takes at most `GROUP_WRITES_IN_FLIGHT` writes at once).
+DEFAULT_ADD_GROUPS = 5
 NAIVE_ADD_GROUP = DEMO_GROUPS["engineering"].id
 REMOVE_GROUP = DEMO_GROUPS["all-staff"].id  # holds every bulk user
 # A small batch first, not measured: worker processes start, fetch a token, fill their pools.
@@ -94,9 +96,10 @@ def theoretical_s(writes: int, per_window: int, window_s: float) -> float:
     return (math.ceil(writes / per_window) - 1) * window_s
 
 
-def batch_writes(adds: int, removes: int) -> int:
-    """Writes entraflow's batch needs: a PATCH per 20 adds (one group), one per removal."""
-    return math.ceil(adds / MAX_MEMBERS_PER_PATCH) + removes
+def batch_writes(adds: int, removes: int, groups: int) -> int:
+    """Writes entraflow's batch needs: a PATCH per 20 adds to a group, one per removal."""
+    per_group = [len(range(group, adds, groups)) for group in range(groups)]
+    return sum(math.ceil(count / MAX_MEMBERS_PER_PATCH) for count in per_group) + removes
 
 
 def peak_rss_kb(pids: list[int]) -> list[int]:
@@ -110,17 +113,25 @@ def _stats(stack: LocalStack) -> dict[str, Any]:
     return stack.sandbox.app.stats()
 
 
+def bench_groups(stack: LocalStack, count: int) -> list[str]:
+    """`count` new empty groups in the sandbox."""
+    ids = [seed_id(f"bench-group:{n}") for n in range(1, count + 1)]
+    for n, group_id in enumerate(ids, 1):
+        stack.sandbox.app.directory.add_group(group_id, f"Bench group {n}")
+    return ids
+
+
 def run_batch(
-    stack: LocalStack, adds: int, removes: int, first_user: int, add_group: str = ADD_GROUP
+    stack: LocalStack, adds: int, removes: int, first_user: int, add_groups: list[str]
 ) -> tuple[Result, dict[str, Any]]:
     """(a): one batch through the stack's workers, from submit to its end.
 
-    It adds users `first_user` on to `add_group` and removes as many from the group that holds
-    every bulk user.
+    It adds users `first_user` on to `add_groups`, in turns, and removes as many from the group
+    that holds every bulk user.
     """
     users = range(first_user, first_user + max(adds, removes))
     items = [
-        NewItem(n, ItemAction.ADD, bulk_user_id(users[n - 1]), add_group)
+        NewItem(n, ItemAction.ADD, bulk_user_id(users[n - 1]), add_groups[n % len(add_groups)])
         for n in range(1, adds + 1)
     ]
     items += [
@@ -199,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adds", type=int, default=DEFAULT_ADDS)
     parser.add_argument("--removes", type=int, default=DEFAULT_REMOVES)
+    parser.add_argument("--add-groups", type=int, default=DEFAULT_ADD_GROUPS)
     parser.add_argument("--writes-per-window", type=int, default=DEFAULT_WRITES_PER_WINDOW)
     parser.add_argument("--write-window-s", type=float, default=DEFAULT_WRITE_WINDOW_S)
     parser.add_argument("--low-priority-share", type=float, default=1.0)
@@ -241,12 +253,13 @@ def main() -> None:
         with stack:
             os.environ.update(stack.env)
             get_settings.cache_clear()
-            run_batch(stack, WARM_UP_ADDS, 0, 1, add_group=WARM_UP_GROUP)
+            run_batch(stack, WARM_UP_ADDS, 0, 1, [WARM_UP_GROUP])
+            add_groups = bench_groups(stack, args.add_groups)
             time.sleep(window_s + 1)
             for index, latency in enumerate(latencies):
                 stack.sandbox.app.configure(**latency.sandbox_changes())
                 first_user = index * users_per_phase + 1
-                batch, view = run_batch(stack, args.adds, args.removes, first_user)
+                batch, view = run_batch(stack, args.adds, args.removes, first_user, add_groups)
                 phases.append(Phase(latency, batch, view))
                 # A fresh window for the next side, so every side starts with the same burst.
                 time.sleep(window_s + 1)
@@ -256,13 +269,14 @@ def main() -> None:
                 stack, naive_adds, naive_removes, args.naive_threads, first_naive_removal
             )
 
-    writes = batch_writes(args.adds, args.removes)
+    writes = batch_writes(args.adds, args.removes, args.add_groups)
     limit_s = theoretical_s(writes, per_window, window_s)
     limit_per_s = (args.adds + args.removes) / limit_s if limit_s else math.inf
     naive_limit_s = theoretical_s(naive.memberships, per_window, window_s)
     print(
         f"budget: {per_window} writes per {window_s:g} s ({per_window / window_s:g}/s), "
-        f"low-priority share {args.low_priority_share:g}; workload {args.adds} adds, "
+        f"low-priority share {args.low_priority_share:g}; workload {args.adds} adds to "
+        f"{args.add_groups} groups, "
         f"{args.removes} removals ({writes} writes batched); {args.workers} worker(s), pool "
         f"{args.pool or 'default'}, concurrency {args.concurrency or 'default'}; a group answers "
         f"503 past {GROUP_WRITES_IN_FLIGHT} writes in flight"

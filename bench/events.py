@@ -7,11 +7,12 @@ HTTP, which answers each Graph request after the latency of the phase (a median 
 twice, on its own users: a burst (everything pushed at once: throughput, also as a ratio to the
 0 ms burst) and a steady rate below what that burst reached (latency: from XADD, or the send, to
 the first Graph request, or the first link, and to the finished run).
-Baseline, once, at 0 ms: the same number of four-link chains of tasks that do nothing, sent
-straight to Celery on the same Redis, run by a plain Celery worker with the same concurrency,
-in a burst and at the 0 ms steady rate; it makes no Graph calls.
+Baseline, once, at 0 ms: the same number of plain Celery chains of four tasks making the same
+four Graph calls (`bench.plain_chain`: no run history, locks or budget), sent straight to Celery
+on the same Redis, run by a plain Celery worker with the same pool and concurrency, in a burst
+and at the 0 ms steady rate.
 
-    .venv/bin/python -m bench.events [--events 300] [--concurrency 2]
+    .venv/bin/python -m bench.events [--events 300] [--pool threads] [--concurrency 32]
         [--latency-ms 0,200,500] [--latency-p99-ms 0,400,1000]
 """
 
@@ -33,10 +34,10 @@ from typing import Any
 from urllib.parse import unquote
 
 import redis
-from celery import chain
 from sqlmodel import col, select
 
 from bench.latency import Latency, add_latency_options, latencies_from
+from cli.processes import DEFAULT_WORKER_THREADS
 from entraflow.settings import get_settings
 from harness.stack import LocalStack
 from harness.waiting import wait_until
@@ -52,7 +53,6 @@ from scheduler.producer import build_event
 FLOW_FILE = (
     Path(__file__).resolve().parent.parent / "entraflow/examples/flows/membership-round-trip.yaml"
 )
-CHAIN_LENGTH = 4
 # The steady phase runs at this share of the rate the burst reached.
 STEADY_SHARE_OF_BURST = 0.5
 FINISH_TIMEOUT_S = 600.0
@@ -163,20 +163,16 @@ def entraflow_phase(
     return Phase(sent_s, {upn: clock.first_s[upn] for upn in upns}, finished())
 
 
-def noop_phase(redis_url: str, batch: str, count: int, rate_per_s: float | None) -> Phase:
-    from bench.noop_app import FINISHED_KEY, STARTED_KEY, noop
+def plain_phase(redis_url: str, users: range, rate_per_s: float | None) -> Phase:
+    from bench.plain_chain import FINISHED_KEY, STARTED_KEY, send_chain
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    keys = [f"{batch}-{n}" for n in range(count)]
-
-    def send(chain_id: str) -> None:
-        links = [noop.si(chain_id, position, CHAIN_LENGTH) for position in range(CHAIN_LENGTH)]
-        chain(*links).apply_async()
-
-    sent_s = send_paced(keys, rate_per_s, send)
+    group_id = DEMO_GROUPS["falcon"].id
+    keys = [bulk_user_upn(n) for n in users]
+    sent_s = send_paced(keys, rate_per_s, lambda upn: send_chain(upn, upn, group_id))
     wait_until(
-        lambda: sum(client.hexists(FINISHED_KEY, k) for k in keys) == count,
-        "no-op chains to finish",
+        lambda: sum(client.hexists(FINISHED_KEY, k) for k in keys) == len(keys),
+        "plain chains to finish",
         timeout_s=FINISH_TIMEOUT_S,
     )
     started = {k: float(str(v)) for k, v in zip(keys, client.hmget(STARTED_KEY, keys), strict=True)}
@@ -209,13 +205,10 @@ def row(side: str, measured: Measured, burst_to_zero: str) -> str:
 
 
 def report(
-    count: int, concurrency: int, measured: list[Measured], zero: Measured, base: Measured
+    count: int, workers: str, measured: list[Measured], zero: Measured, base: Measured
 ) -> None:
-    """One table: entraflow at each latency, then the no-op chain; ratios to `zero`, at 0 ms."""
-    print(
-        f"{count} events per phase, worker concurrency {concurrency}, one scheduler, "
-        f"{os.cpu_count()} cores"
-    )
+    """One table: entraflow at each latency, then the plain chain; ratios to `zero`, at 0 ms."""
+    print(f"{count} events per phase, {workers}, one scheduler, {os.cpu_count()} cores")
     print(
         f"{'':<20} {'Graph ms':>17} {'burst':>9} {'burst /':>9} "
         f"{'steady':>9} {'to finished ms':>19}"
@@ -227,12 +220,12 @@ def report(
     zero_per_s = zero.burst.throughput_per_s()
     for each in measured:
         print(row("entraflow", each, f"{each.burst.throughput_per_s() / zero_per_s:.2f}"))
-    print(row("no-op Celery chain", base, "-"))
+    print(row("plain Celery chain", base, "-"))
     throughput_ratio = zero_per_s / base.burst.throughput_per_s()
     ours_first = statistics.median(zero.steady.latencies_ms(zero.steady.first_s))
     base_first = statistics.median(base.steady.latencies_ms(base.steady.first_s))
     print(
-        f"ratio entraflow / no-op at 0 ms: burst throughput {throughput_ratio:.2f}; "
+        f"ratio entraflow / plain chain at 0 ms: burst throughput {throughput_ratio:.2f}; "
         f"steady p50 to first request {ours_first / base_first:.1f}x"
     )
 
@@ -242,7 +235,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=300, help="runs per phase")
-    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="[default: the worker's for the pool]"
+    )
     add_latency_options(parser)
     args = parser.parse_args()
     if 0 not in args.latency_ms:
@@ -250,11 +246,21 @@ def main() -> None:
     latencies = latencies_from(parser, args)
     zero_index = args.latency_ms.index(0)
     count = args.events
-    # Every phase takes users of its own: a second run for the same user finds it already a member.
-    sandbox = SandboxServer(SandboxConfig(bulk_users=2 * count * len(latencies)))
+    concurrency = args.concurrency or (
+        DEFAULT_WORKER_THREADS if args.pool == "threads" else os.cpu_count() or 1
+    )
+    workers = f"one worker of {concurrency} {args.pool}"
+    # Every phase takes users of its own: a second run for the same user finds it already a
+    # member; the baseline takes the last ones.
+    first_plain_user = 1 + 2 * count * len(latencies)
+    sandbox = SandboxServer(SandboxConfig(bulk_users=first_plain_user - 1 + 2 * count))
     with tempfile.TemporaryDirectory() as home:
         stack = LocalStack(
-            home=Path(home), concurrency=args.concurrency, schedulers=1, sandbox=sandbox
+            home=Path(home),
+            pool=args.pool,
+            concurrency=concurrency,
+            schedulers=1,
+            sandbox=sandbox,
         )
         with stack:
             os.environ.update(stack.env)
@@ -262,9 +268,9 @@ def main() -> None:
             apply_flows(stack.settings, FLOW_FILE)
             clock = GraphClock(stack.sandbox.app)
             assert stack.redis_url is not None
-            noop_worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.noop_app:noop_app", "worker",
-                 f"--concurrency={args.concurrency}", "--queues=bench:noop",
+            plain_worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "bench.plain_chain:plain_app", "worker",
+                 f"--pool={args.pool}", f"--concurrency={concurrency}", "--queues=bench:plain",
                  "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
                 env={**os.environ, "BENCH_REDIS_URL": stack.redis_url},
                 stdout=subprocess.DEVNULL,
@@ -279,17 +285,18 @@ def main() -> None:
                     measured.append(entraflow_latency(stack, clock, latency, users))
                     if index == zero_index:
                         rate = measured[-1].steady_rate_per_s
+                        plain_users = range(first_plain_user, first_plain_user + 2 * count)
                         base = Measured(
                             latency,
-                            noop_phase(stack.redis_url, "burst", count, None),
-                            noop_phase(stack.redis_url, "steady", count, rate),
+                            plain_phase(stack.redis_url, plain_users[:count], None),
+                            plain_phase(stack.redis_url, plain_users[count:], rate),
                             rate,
                         )
             finally:
                 stack.sandbox.app.configure(**Latency(0.0).sandbox_changes())
-                noop_worker.terminate()
-                noop_worker.wait()
-    report(count, args.concurrency, measured, measured[zero_index], base)
+                plain_worker.terminate()
+                plain_worker.wait()
+    report(count, workers, measured, measured[zero_index], base)
 
 
 if __name__ == "__main__":

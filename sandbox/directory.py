@@ -206,6 +206,21 @@ class Directory:
             directory.memberships[group.id] = members
         return directory
 
+    def add_group(self, group_id: str, display_name: str) -> None:
+        """Add an empty security group (not mail-enabled)."""
+        group_id = group_id.lower()
+        self.groups[group_id] = {
+            "id": group_id,
+            "displayName": display_name,
+            "description": None,
+            "mail": None,
+            "mailEnabled": False,
+            "mailNickname": display_name.lower().replace(" ", "-"),
+            "securityEnabled": True,
+            "groupTypes": [],
+        }
+        self.memberships[group_id] = {}
+
     def add_user(
         self,
         user_id: str,
