@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -176,9 +177,14 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file under `home`."""
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.home / 'entraflow.db').resolve()}"
+        return self.database_url or _sqlite_url_under(self.home, os.getcwd())
+
+
+@lru_cache(maxsize=64)
+def _sqlite_url_under(home: Path, cwd: str) -> str:
+    # Resolved once per home (and working folder, which a relative home is under): every step
+    # reads the URL several times, and resolving costs a system call per path component.
+    return f"sqlite:///{(Path(cwd) / home / 'entraflow.db').resolve()}"
 
 
 class InsecureURLError(ValueError):

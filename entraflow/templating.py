@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeGuard
 
-from jinja2 import TemplateError, meta, nodes
+from jinja2 import Template, TemplateError, meta, nodes
+from jinja2.environment import TemplateExpression
 
 from entraflow.template_limits import (
     UNKNOWN,
@@ -65,6 +67,19 @@ NO_READS = TemplateReads(frozenset(), frozenset(), computed_step=False)
 
 
 _environment = BoundedEnvironment()
+# Compiled templates and conditions kept per process, by source: a flow's steps render the same
+# few sources for every run, and compiling one costs more than rendering it.
+COMPILED_CACHE_SIZE = 1024
+
+
+@lru_cache(maxsize=COMPILED_CACHE_SIZE)
+def _template(source: str) -> Template:
+    return _environment.from_string(source)
+
+
+@lru_cache(maxsize=COMPILED_CACHE_SIZE)
+def _expression(expression: str) -> TemplateExpression:
+    return _environment.compile_expression(expression)
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -89,7 +104,7 @@ def render_value(value: Any, context: Mapping[str, Any]) -> Any:
     try:
         check_source(value)
         with limits():
-            return render_within_limits(_environment.from_string(value), context)
+            return render_within_limits(_template(value), context)
     except EVALUATION_ERRORS as exc:
         raise TemplateProblem(f"template {_shown(value)}: {_describe(exc)}") from exc
 
@@ -105,7 +120,7 @@ def evaluate_condition(condition: str, context: Mapping[str, Any]) -> bool:
     try:
         check_source(condition)
         with limits():
-            return bool(_environment.compile_expression(_expression_of(condition))(**context))
+            return bool(_expression(_expression_of(condition))(**context))
     except EVALUATION_ERRORS as exc:
         raise TemplateProblem(f"condition {_shown(condition)}: {_describe(exc)}") from exc
 

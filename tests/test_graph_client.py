@@ -22,7 +22,7 @@ from worker.errors import (
     ServiceUnavailableError,
     ThrottledError,
 )
-from worker.graph import GraphClient
+from worker.graph import GraphClient, pooled_session
 from worker.retry import RETRY_AFTER_JITTER_MAX_S, RetryPolicy
 
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
@@ -314,3 +314,18 @@ def test_requests_record_the_timeout() -> None:
 
     recorded: Recorded = transport.requests[0]
     assert recorded.timeout == 4.0
+
+
+def test_the_session_takes_the_proxy_for_graph_from_the_environment_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "graph.microsoft.us")
+
+    proxied = pooled_session("https://graph.microsoft.com/v1.0")
+    bypassed = pooled_session("https://graph.microsoft.us/v1.0")
+
+    assert proxied.proxies.get("https") == "http://127.0.0.1:9"
+    assert "https" not in bypassed.proxies
+    # Not read again for every request: the environment was read above.
+    assert proxied.trust_env is False

@@ -5,6 +5,7 @@ One client is meant to be shared by every thread of a process: it keeps no per-r
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -91,7 +92,7 @@ class GraphClient:
     ) -> None:
         self.graph_url = graph_url.rstrip("/")
         self._token_provider = token_provider
-        self._session = session or pooled_session()
+        self._session = session or pooled_session(self.graph_url)
         self._retry_policy = retry_policy or RetryPolicy()
         self._timeout_s = timeout_s
         self._before_request = before_request
@@ -265,9 +266,19 @@ class GraphClient:
         return self._write_slots.holding(written_groups(method, target, json))
 
 
-def pooled_session() -> requests.Session:
-    """A `requests` session that keeps a connection open for each of many threads."""
+def pooled_session(graph_url: str) -> requests.Session:
+    """A `requests` session for Graph that keeps a connection open for each of many threads.
+
+    The proxy for Graph and the CA bundle are read from the environment here, once, as
+    `requests` would read them for every request (iterating the whole environment each time):
+    the session sends to Graph only.
+    """
     session = requests.Session()
+    session.proxies = requests.utils.get_environ_proxies(graph_url)
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if ca_bundle:
+        session.verify = ca_bundle
+    session.trust_env = False
     adapter = HTTPAdapter(pool_maxsize=KEPT_CONNECTIONS)
     session.mount("https://", adapter)
     session.mount("http://", adapter)

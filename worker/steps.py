@@ -22,7 +22,7 @@ import redis
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from entraflow import keys
+from entraflow import keys, metrics
 from entraflow.settings import Settings
 from entraflow.templating import TemplateProblem, evaluate_condition, render_inputs
 from models.audit import MEMBERSHIP_ACTIONS, FlowStep, current_actor, record_membership_change
@@ -88,6 +88,8 @@ class StepContext:
     started_at: datetime
     event: dict[str, Any]
     earlier_outputs: dict[str, Any]
+    # Whether this is the run's last step: its end ends the run.
+    is_last: bool
     # Recorded by a delivery that died before queuing the next step: only forward the chain.
     already_done: StepStatus | None = None
 
@@ -332,8 +334,16 @@ def _record(
         if audit is not None:
             # In the claim's transaction: a delivery that lost its claim audits nothing.
             audit(session)
-        if final:
-            _settle_run(session, context.run_id, context.step_id, status, error)
+        ended = None
+        # A step that succeeded or was skipped, and is not the last, leaves its run as it is.
+        if status == StepStatus.FAILED or (final and context.is_last):
+            ended = _settle_run(
+                session, context.run_id, context.step_id, status, error, is_last=context.is_last
+            )
+    # A run that succeeded is counted here, once it is recorded; a failed one by its task's
+    # failure handler, which every failure reaches.
+    if ended is not None and ended.status == RunStatus.SUCCEEDED:
+        metrics.RUNS.labels(ended.flow, ended.status).inc()
 
 
 def _finish(session: Session, step: StepRun, status: StepStatus, *, error: dict[str, Any]) -> None:
@@ -350,25 +360,34 @@ def _settle_run(
     step_id: str,
     status: StepStatus,
     error: Mapping[str, Any] | None,
-) -> None:
-    """Bring the run's status in line with a step that just ended."""
+    *,
+    is_last: bool | None = None,
+) -> FlowRun | None:
+    """Bring the run's status in line with a step that just ended; the run if that ended it.
+
+    `is_last`: whether the step is the run's last, if the caller knows.
+    """
     run = session.get(FlowRun, run_id)
     if run is None:
-        return
+        return None
     if status == StepStatus.FAILED:
         run.status = RunStatus.FAILED
         run.error = f"step {step_id}: {(error or {}).get('message', 'failed')}"
         run.finished_at = utcnow()
-        return
-    last = session.exec(
-        select(StepRun.step_id)
-        .where(StepRun.run_id == run_id)
-        .order_by(col(StepRun.position).desc())
-        .limit(1)
-    ).one()
-    if last == step_id:
-        run.status = RunStatus.SUCCEEDED
-        run.finished_at = utcnow()
+        return run
+    if is_last is None:
+        last = session.exec(
+            select(StepRun.step_id)
+            .where(StepRun.run_id == run_id)
+            .order_by(col(StepRun.position).desc())
+            .limit(1)
+        ).one()
+        is_last = last == step_id
+    if not is_last:
+        return None
+    run.status = RunStatus.SUCCEEDED
+    run.finished_at = utcnow()
+    return run
 
 
 def _load_step(session: Session, run_id: str, step_id: str) -> StepRun:
@@ -395,8 +414,10 @@ def _context(
     session: Session, step: StepRun, *, attempt: int, already_done: StepStatus | None = None
 ) -> StepContext:
     run = session.get(FlowRun, step.run_id)
-    earlier = session.exec(
-        select(StepRun).where(StepRun.run_id == step.run_id).where(StepRun.position < step.position)
+    others = session.exec(
+        select(StepRun.step_id, StepRun.position, StepRun.output).where(
+            StepRun.run_id == step.run_id
+        )
     ).all()
     return StepContext(
         run_id=step.run_id,
@@ -407,7 +428,12 @@ def _context(
         condition=step.condition,
         started_at=step.started_at or utcnow(),
         event=dict(run.event) if run is not None else {},
-        earlier_outputs={s.step_id: dict(s.output or {}) for s in earlier},
+        earlier_outputs={
+            step_id: dict(output or {})
+            for step_id, position, output in others
+            if position < step.position
+        },
+        is_last=all(position <= step.position for _, position, _ in others),
         already_done=already_done,
     )
 

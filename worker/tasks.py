@@ -107,10 +107,6 @@ class StepTask(WorkerTask):
     def observe(self, outcome: str, duration_s: float) -> None:
         metrics.STEP_DURATION.labels(self.action, outcome).observe(duration_s)
 
-    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        with self.log_context(args):
-            count_run_if_ended(retval["run_id"])
-
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
@@ -143,7 +139,10 @@ def run_step(self: StepTask, run_id: str, step_id: str) -> dict[str, str]:
 
 
 def count_run_if_ended(run_id: str) -> None:
-    """Count the run in the runs metric if it has ended: the step just recorded ended it."""
+    """Count the run in the runs metric if it has ended: the step that failed ended it.
+
+    A run that succeeded is counted as its last step is recorded (worker.steps).
+    """
     try:
         with session_scope(get_settings().resolved_database_url) as session:
             run = session.get(FlowRun, run_id)
