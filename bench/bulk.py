@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from bench.groups import DEFAULT_GROUPS, GROUP_WRITES_IN_FLIGHT, bench_groups
 from bench.latency import Latency, add_latency_options, latencies_from
 from entraflow import process_info
 from entraflow.settings import get_settings
@@ -39,7 +40,7 @@ from harness.stack import LocalStack
 from models.batch_reports import batch_view
 from models.batches import FINAL_BATCH_STATUSES, ItemAction, NewItem
 from sandbox.config import SandboxConfig
-from sandbox.directory import DEMO_GROUPS, bulk_user_id, seed_id
+from sandbox.directory import DEMO_GROUPS, bulk_user_id
 from sandbox.server import SandboxServer
 from scheduler.batches import submit_batch
 from worker.actions import run_action
@@ -57,13 +58,8 @@ DEFAULT_REMOVES = 2_000
 DEFAULT_NAIVE_SHARE = 0.2
 DEFAULT_NAIVE_THREADS = 8
 DEFAULT_WORKERS = 1
-# Writes one group answers at once before 503s, as on a real tenant (GRAPH.md: about 5).
-GROUP_WRITES_IN_FLIGHT = 5
 POLL_S = 0.2
 FINISH_TIMEOUT_S = 900.0
-# The batches add to this many empty groups of their own, in turns, as a batch of hires to
-# several teams would (a single group takes at most `GROUP_WRITES_IN_FLIGHT` writes at once).
-DEFAULT_ADD_GROUPS = 5
 NAIVE_ADD_GROUP = DEMO_GROUPS["engineering"].id
 REMOVE_GROUP = DEMO_GROUPS["all-staff"].id  # holds every bulk user
 # A small batch first, not measured: worker processes start, fetch a token, fill their pools.
@@ -111,14 +107,6 @@ def peak_rss_kb(pids: list[int]) -> list[int]:
 
 def _stats(stack: LocalStack) -> dict[str, Any]:
     return stack.sandbox.app.stats()
-
-
-def bench_groups(stack: LocalStack, count: int) -> list[str]:
-    """`count` new empty groups in the sandbox."""
-    ids = [seed_id(f"bench-group:{n}") for n in range(1, count + 1)]
-    for n, group_id in enumerate(ids, 1):
-        stack.sandbox.app.directory.add_group(group_id, f"Bench group {n}")
-    return ids
 
 
 def run_batch(
@@ -210,7 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adds", type=int, default=DEFAULT_ADDS)
     parser.add_argument("--removes", type=int, default=DEFAULT_REMOVES)
-    parser.add_argument("--add-groups", type=int, default=DEFAULT_ADD_GROUPS)
+    parser.add_argument("--add-groups", type=int, default=DEFAULT_GROUPS)
     parser.add_argument("--writes-per-window", type=int, default=DEFAULT_WRITES_PER_WINDOW)
     parser.add_argument("--write-window-s", type=float, default=DEFAULT_WRITE_WINDOW_S)
     parser.add_argument("--low-priority-share", type=float, default=1.0)
@@ -254,7 +242,7 @@ def main() -> None:
             os.environ.update(stack.env)
             get_settings.cache_clear()
             run_batch(stack, WARM_UP_ADDS, 0, 1, [WARM_UP_GROUP])
-            add_groups = bench_groups(stack, args.add_groups)
+            add_groups = bench_groups(stack.sandbox.app, args.add_groups)
             time.sleep(window_s + 1)
             for index, latency in enumerate(latencies):
                 stack.sandbox.app.configure(**latency.sandbox_changes())

@@ -36,6 +36,8 @@ from urllib.parse import unquote
 import redis
 from sqlmodel import col, select
 
+from bench.bulk import peak_rss_kb
+from bench.groups import DEFAULT_GROUPS, GROUP_WRITES_IN_FLIGHT, bench_groups
 from bench.latency import Latency, add_latency_options, latencies_from
 from cli.processes import DEFAULT_WORKER_THREADS
 from entraflow.settings import get_settings
@@ -45,7 +47,7 @@ from models.db import session_scope
 from models.runs import FlowRun, RunStatus
 from sandbox.app import SandboxApp
 from sandbox.config import SandboxConfig
-from sandbox.directory import DEMO_GROUPS, bulk_user_upn
+from sandbox.directory import bulk_user_upn
 from sandbox.server import SandboxServer
 from scheduler.flows import apply_flows
 from scheduler.producer import build_event
@@ -125,11 +127,15 @@ class GraphClock:
         app.handle = timed  # type: ignore[method-assign]
 
 
+def group_of(upn: str, groups: list[str]) -> str:
+    """The group a run for `upn` writes to: the bench's groups in turns."""
+    return groups[int(upn.removeprefix("user").partition("@")[0]) % len(groups)]
+
+
 def entraflow_phase(
-    stack: LocalStack, clock: GraphClock, users: range, rate_per_s: float | None
+    stack: LocalStack, clock: GraphClock, users: range, rate_per_s: float | None, groups: list[str]
 ) -> Phase:
     client = redis.Redis.from_url(stack.redis_url or "")
-    group_id = DEMO_GROUPS["falcon"].id
     upns = [bulk_user_upn(n) for n in users]
 
     def push(upn: str) -> None:
@@ -137,7 +143,7 @@ def entraflow_phase(
             type="demo.membership.checked",
             source="bench",
             id=upn,
-            data={"upn": upn, "group_id": group_id},
+            data={"upn": upn, "group_id": group_of(upn, groups)},
         )
         client.xadd("entraflow:events", {"event": json.dumps(event)})
 
@@ -163,13 +169,12 @@ def entraflow_phase(
     return Phase(sent_s, {upn: clock.first_s[upn] for upn in upns}, finished())
 
 
-def plain_phase(redis_url: str, users: range, rate_per_s: float | None) -> Phase:
+def plain_phase(redis_url: str, users: range, rate_per_s: float | None, groups: list[str]) -> Phase:
     from bench.plain_chain import FINISHED_KEY, STARTED_KEY, send_chain
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    group_id = DEMO_GROUPS["falcon"].id
     keys = [bulk_user_upn(n) for n in users]
-    sent_s = send_paced(keys, rate_per_s, lambda upn: send_chain(upn, upn, group_id))
+    sent_s = send_paced(keys, rate_per_s, lambda upn: send_chain(upn, upn, group_of(upn, groups)))
     wait_until(
         lambda: sum(client.hexists(FINISHED_KEY, k) for k in keys) == len(keys),
         "plain chains to finish",
@@ -182,14 +187,14 @@ def plain_phase(redis_url: str, users: range, rate_per_s: float | None) -> Phase
 
 
 def entraflow_latency(
-    stack: LocalStack, clock: GraphClock, latency: Latency, users: range
+    stack: LocalStack, clock: GraphClock, latency: Latency, users: range, groups: list[str]
 ) -> Measured:
     """A burst on the first half of `users`, then the steady rate on the second half."""
     stack.sandbox.app.configure(**latency.sandbox_changes())
     half = len(users) // 2
-    burst = entraflow_phase(stack, clock, users[:half], None)
+    burst = entraflow_phase(stack, clock, users[:half], None, groups)
     rate_per_s = STEADY_SHARE_OF_BURST * burst.throughput_per_s()
-    steady = entraflow_phase(stack, clock, users[half:], rate_per_s)
+    steady = entraflow_phase(stack, clock, users[half:], rate_per_s, groups)
     return Measured(latency, burst, steady, rate_per_s)
 
 
@@ -236,6 +241,7 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=300, help="runs per phase")
     parser.add_argument("--pool", choices=["threads", "prefork"], default="threads")
+    parser.add_argument("--groups", type=int, default=DEFAULT_GROUPS, help="groups written to")
     parser.add_argument(
         "--concurrency", type=int, default=None, help="[default: the worker's for the pool]"
     )
@@ -249,11 +255,16 @@ def main() -> None:
     concurrency = args.concurrency or (
         DEFAULT_WORKER_THREADS if args.pool == "threads" else os.cpu_count() or 1
     )
-    workers = f"one worker of {concurrency} {args.pool}"
+    workers = f"one worker of {concurrency} {args.pool}, runs writing to {args.groups} groups"
     # Every phase takes users of its own: a second run for the same user finds it already a
     # member; the baseline takes the last ones.
     first_plain_user = 1 + 2 * count * len(latencies)
-    sandbox = SandboxServer(SandboxConfig(bulk_users=first_plain_user - 1 + 2 * count))
+    sandbox = SandboxServer(
+        SandboxConfig(
+            bulk_users=first_plain_user - 1 + 2 * count,
+            max_group_writes_in_flight=GROUP_WRITES_IN_FLIGHT,
+        )
+    )
     with tempfile.TemporaryDirectory() as home:
         stack = LocalStack(
             home=Path(home),
@@ -267,6 +278,7 @@ def main() -> None:
             get_settings.cache_clear()
             apply_flows(stack.settings, FLOW_FILE)
             clock = GraphClock(stack.sandbox.app)
+            groups = bench_groups(stack.sandbox.app, args.groups)
             assert stack.redis_url is not None
             plain_worker = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "bench.plain_chain:plain_app", "worker",
@@ -282,21 +294,23 @@ def main() -> None:
                 for index, latency in enumerate(latencies):
                     first_user = 1 + 2 * count * index
                     users = range(first_user, first_user + 2 * count)
-                    measured.append(entraflow_latency(stack, clock, latency, users))
+                    measured.append(entraflow_latency(stack, clock, latency, users, groups))
                     if index == zero_index:
                         rate = measured[-1].steady_rate_per_s
                         plain_users = range(first_plain_user, first_plain_user + 2 * count)
                         base = Measured(
                             latency,
-                            plain_phase(stack.redis_url, plain_users[:count], None),
-                            plain_phase(stack.redis_url, plain_users[count:], rate),
+                            plain_phase(stack.redis_url, plain_users[:count], None, groups),
+                            plain_phase(stack.redis_url, plain_users[count:], rate, groups),
                             rate,
                         )
+                rss_kb = peak_rss_kb([p.pid for p in stack.worker_processes])
             finally:
                 stack.sandbox.app.configure(**Latency(0.0).sandbox_changes())
                 plain_worker.terminate()
                 plain_worker.wait()
     report(count, workers, measured, measured[zero_index], base)
+    print(f"peak RSS of the worker's {len(rss_kb)} process(es): {sum(rss_kb) / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":
