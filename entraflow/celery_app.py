@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.utils.url import parse_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from entraflow import keys, logs
+from entraflow import keys, kombu_redis, logs
 from entraflow.catalogue import TASK_QUEUES
 from entraflow.redis_server import redis_url
 from entraflow.settings import Settings, get_settings
@@ -151,6 +151,7 @@ class EntraflowTask(Task):
             raise Reject(exc.reason, requeue=True) from exc
 
 
+kombu_redis.apply()
 app = Celery("entraflow", include=["worker.tasks", "worker.batch_tasks"], task_cls=EntraflowTask)
 
 
