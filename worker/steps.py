@@ -130,7 +130,9 @@ def execute_step(
 def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepContext:
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        step = _load_step(session, run_id, step_id)
+        # Every step of the run in one read: this one, the outputs before it, the one after.
+        steps = _load_steps(session, run_id)
+        step = _one_step(steps, run_id, step_id)
         if step.action != action:
             raise StepFailed(
                 run_id,
@@ -138,9 +140,11 @@ def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepCo
                 {"outcome": "failed", "message": f"step is {step.action!r}, message is {action!r}"},
             )
         if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
-            if _next_step_waiting(session, step):
+            if _next_step_waiting(steps, step):
                 # The crash came after recording this step and before queuing the next one.
-                return _context(session, step, attempt=step.attempts, already_done=step.status)
+                return _context(
+                    session, step, steps, attempt=step.attempts, already_done=step.status
+                )
             raise DuplicateDelivery(f"run {run_id}, step {step_id} is already {step.status}")
         if step.status == StepStatus.FAILED:
             raise DuplicateDelivery(f"run {run_id}, step {step_id} already failed")
@@ -162,7 +166,7 @@ def _claim(settings: Settings, run_id: str, step_id: str, action: str) -> StepCo
             run.status = RunStatus.RUNNING
             run.started_at = now
         session.flush()
-        return _context(session, step, attempt=step.attempts)
+        return _context(session, step, steps, attempt=step.attempts)
 
 
 def _run_claimed(settings: Settings, context: StepContext, perform: Perform) -> str:
@@ -401,24 +405,33 @@ def _load_step(session: Session, run_id: str, step_id: str) -> StepRun:
     return step
 
 
-def _next_step_waiting(session: Session, step: StepRun) -> bool:
-    following = session.exec(
-        select(StepRun)
-        .where(StepRun.run_id == step.run_id)
-        .where(StepRun.position == step.position + 1)
-    ).one_or_none()
-    return following is not None and following.status == StepStatus.QUEUED
+def _load_steps(session: Session, run_id: str) -> list[StepRun]:
+    return list(session.exec(select(StepRun).where(StepRun.run_id == run_id)).all())
+
+
+def _one_step(steps: list[StepRun], run_id: str, step_id: str) -> StepRun:
+    for step in steps:
+        if step.step_id == step_id:
+            return step
+    raise StepFailed(
+        run_id, step_id, {"outcome": "failed", "message": "no such step in the run history"}
+    )
+
+
+def _next_step_waiting(steps: list[StepRun], step: StepRun) -> bool:
+    following = [other for other in steps if other.position == step.position + 1]
+    return bool(following) and following[0].status == StepStatus.QUEUED
 
 
 def _context(
-    session: Session, step: StepRun, *, attempt: int, already_done: StepStatus | None = None
+    session: Session,
+    step: StepRun,
+    steps: list[StepRun],
+    *,
+    attempt: int,
+    already_done: StepStatus | None = None,
 ) -> StepContext:
     run = session.get(FlowRun, step.run_id)
-    others = session.exec(
-        select(StepRun.step_id, StepRun.position, StepRun.output).where(
-            StepRun.run_id == step.run_id
-        )
-    ).all()
     return StepContext(
         run_id=step.run_id,
         step_id=step.step_id,
@@ -429,11 +442,11 @@ def _context(
         started_at=step.started_at or utcnow(),
         event=dict(run.event) if run is not None else {},
         earlier_outputs={
-            step_id: dict(output or {})
-            for step_id, position, output in others
-            if position < step.position
+            other.step_id: dict(other.output or {})
+            for other in steps
+            if other.position < step.position
         },
-        is_last=all(position <= step.position for _, position, _ in others),
+        is_last=all(other.position <= step.position for other in steps),
         already_done=already_done,
     )
 
