@@ -123,18 +123,31 @@ def test_a_401_refreshes_the_token_once_and_resends() -> None:
     ]
 
 
-def test_a_second_401_is_an_authentication_error() -> None:
+def test_a_token_refused_after_a_renewal_is_renewed_once_more() -> None:
+    # Another thread fetched token-2 before Graph revoked tokens: it is refused too.
     tokens = FakeTokens()
     transport = FakeTransport(
-        [graph_error(401, "InvalidAuthenticationToken", "expired", request_id="r-2")] * 2
+        [graph_error(401, "InvalidAuthenticationToken", "expired")] * 2 + [Reply(200, {"id": UID})]
+    )
+
+    response = client_with(transport, tokens).request("GET", f"/users/{UID}")
+
+    assert response.data == {"id": UID}
+    assert tokens.calls == [None, "token-1", "token-2"]
+
+
+def test_a_third_401_is_an_authentication_error() -> None:
+    tokens = FakeTokens()
+    transport = FakeTransport(
+        [graph_error(401, "InvalidAuthenticationToken", "expired", request_id="r-3")] * 3
     )
 
     with pytest.raises(AuthenticationError) as raised:
         client_with(transport, tokens).request("GET", f"/users/{UID}")
 
-    assert len(transport.requests) == 2
-    assert tokens.calls == [None, "token-1"]
-    assert raised.value.request_id == "r-2"
+    assert len(transport.requests) == 3
+    assert tokens.calls == [None, "token-1", "token-2"]
+    assert raised.value.request_id == "r-3"
     assert "token-" not in str(raised.value)
 
 

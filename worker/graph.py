@@ -45,6 +45,8 @@ NEXT_LINK_KEY = "@odata.nextLink"
 # Connections kept open to the Graph host, across the threads of a worker: one per request in
 # flight (requests keeps 10 by default, and opens then drops a new one for every request past).
 KEPT_CONNECTIONS = 128
+# A request refused with 401 is sent again with a new token at most this many times.
+MAX_TOKEN_RENEWALS = 2
 # A write slot of a group is leased for the longest a request may hold it: its wait for the
 # budget, its HTTP timeout, and this margin.
 WRITE_SLOT_LEASE_MARGIN_S = 5.0
@@ -214,8 +216,12 @@ class GraphClient:
             request_headers[RETRY_ATTEMPT_HEADER] = str(retry_number)
         token = self._token_provider.token()
         response = self._send(method, url, json, request_headers, token)
-        if response.status_code == HTTPStatus.UNAUTHORIZED:
-            # Tokens can be revoked or rolled before they expire: fetch a new one, once.
+        for _ in range(MAX_TOKEN_RENEWALS):
+            if response.status_code != HTTPStatus.UNAUTHORIZED:
+                break
+            # Tokens can be revoked or rolled before they expire: take a new one. Another
+            # thread may have fetched it before the revocation too, so a second refusal takes
+            # one more, now surely newer than both.
             token = self._token_provider.token(rejected=token)
             response = self._send(method, url, json, request_headers, token)
         if response.status_code >= FIRST_NON_SUCCESS_STATUS:
