@@ -139,14 +139,7 @@ def run_batch(
         time.sleep(POLL_S)
     elapsed_s = time.monotonic() - started
     after = _stats(stack)
-    result = Result(
-        adds + removes,
-        elapsed_s,
-        after["throttled"] - before["throttled"],
-        after["requests_total"] - before["requests_total"],
-        after["busy_group_refusals"] - before["busy_group_refusals"],
-    )
-    return result, view
+    return _result(adds + removes, elapsed_s, before, after), view
 
 
 def run_naive(
@@ -176,12 +169,23 @@ def run_naive(
         list(pool.map(send, work))
     elapsed_s = time.monotonic() - started
     after = _stats(stack)
+    return _result(len(work), elapsed_s, before, after)
+
+
+def _result(
+    memberships: int, elapsed_s: float, before: dict[str, Any], after: dict[str, Any]
+) -> Result:
+    """What a side did, from the sandbox's counters before and after it."""
+
+    def grew(counter: str) -> int:
+        return int(after[counter] - before[counter])
+
     return Result(
-        len(work),
+        memberships,
         elapsed_s,
-        after["throttled"] - before["throttled"],
-        after["requests_total"] - before["requests_total"],
-        after["busy_group_refusals"] - before["busy_group_refusals"],
+        grew("throttled"),
+        grew("requests_total"),
+        grew("busy_group_refusals"),
     )
 
 
