@@ -41,6 +41,13 @@ CHUNK_STATES = {"SUCCESS", "PROGRESS"}
 def flower_url(stack: LocalStack) -> Iterator[str]:
     assert stack.redis_url
     with running_flower(stack.redis_url) as url:
+        # Flower answers HTTP before its event thread has subscribed, and events sent before that
+        # are gone (Redis fanout): wait until it has heard a worker's heartbeat.
+        wait_until(
+            lambda: any(api(url, "workers?status=1").values()),
+            "Flower to hear a worker's events",
+            timeout_s=WAIT_S,
+        )
         yield url
 
 
@@ -113,10 +120,13 @@ def test_flower_shows_entraflow_tasks_with_ids_as_arguments_and_no_secret(
         assert chunk["state"] in CHUNK_STATES
         assert chunk["args"].startswith(f"batch_id={batch_id!r}, chunk=")
 
-    # Flower asks the workers (a broadcast) only when told to refresh.
-    workers = wait_until(
-        lambda: api(flower_url, "workers?refresh=1"), "Flower to list the workers", timeout_s=WAIT_S
-    )
+    # Flower asks the workers (a broadcast) only when told to refresh, and keeps only the answers
+    # that arrive within its inspect timeout (1 s): ask again until every worker's list came back.
+    def workers_with_tasks() -> dict[str, Any] | None:
+        workers = api(flower_url, "workers?refresh=1")
+        return workers if workers and all("registered" in w for w in workers.values()) else None
+
+    workers = wait_until(workers_with_tasks, "Flower to list the workers' tasks", timeout_s=WAIT_S)
     for worker in workers.values():
         registered = [n for n in worker.get("registered", []) if not n.startswith("celery.")]
         assert registered and all(n.startswith(("entra.", "entraflow.")) for n in registered)
