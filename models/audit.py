@@ -4,8 +4,8 @@ One row per membership write attempt that ended (a flow step, or one row of a bu
 Callers record it in their own transaction, beside the result it belongs to, so a result and its
 audit entry are committed together or not at all:
 
-    record_membership_change(
-        session,                        # the caller's open session; nothing is committed here
+    record_membership_changes(session, [   # the caller's open session; nothing is committed here
+      membership_change(
         action="add_user_to_group",     # or "remove_member_from_group"
         user_id="...", group_id="...",  # as asked (a user may be a UPN)
         outcome="added",                # added | already_member | removed | not_member | an error
@@ -16,13 +16,16 @@ audit entry are committed together or not at all:
         event_source="hr/workday", event_id="...",   # the triggering event, if any
         request_id="...",                # Graph's request id of the last request, if any
         error_code=None, error_message=None,         # for a refused or failed change
-    )
+      ),
+      ...                               # a batch records a chunk's entries in one statement
+    ])
 
 `changed` is derived from the outcome: only `added` and `removed` changed the group.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -111,8 +114,13 @@ def current_actor(session: Session, *, client_id: str | None, tenant_id: str | N
     return Actor(stored.kind.value, stored.client_id, stored.tenant_id, account)
 
 
-def record_membership_change(
-    session: Session,
+def record_membership_changes(session: Session, changes: Sequence[dict[str, Any]]) -> None:
+    """Add the entries `membership_change` built, in one statement; the caller commits."""
+    if changes:
+        session.execute(insert(AuditEntry), list(changes))
+
+
+def membership_change(
     *,
     action: str,
     user_id: str | None,
@@ -126,8 +134,8 @@ def record_membership_change(
     error_code: str | None = None,
     error_message: str | None = None,
     at: datetime | None = None,
-) -> None:
-    """Add one audit entry in the caller's transaction (one INSERT; the caller commits)."""
+) -> dict[str, Any]:
+    """The audit entry of one change, as the values of its row (every row names every column)."""
     if action not in MEMBERSHIP_ACTIONS:
         raise ValueError(f"{action!r} is not a membership action")
     values: dict[str, Any] = {
@@ -149,9 +157,11 @@ def record_membership_change(
     }
     if isinstance(cause, FlowStep):
         values.update(cause=CauseKind.FLOW_RUN, run_id=cause.run_id, step_id=cause.step_id)
+        values.update(batch_id=None, batch_row=None)
     else:
         values.update(cause=CauseKind.BATCH, batch_id=cause.batch_id, batch_row=cause.row)
-    session.execute(insert(AuditEntry).values(**values))
+        values.update(run_id=None, step_id=None)
+    return values
 
 
 def entry_view(entry: AuditEntry) -> dict[str, Any]:

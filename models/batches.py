@@ -27,7 +27,8 @@ from models.audit import (
     Actor,
     BatchRow,
     current_actor,
-    record_membership_change,
+    membership_change,
+    record_membership_changes,
 )
 from models.db import Timestamp, session_scope, utcnow
 
@@ -413,43 +414,76 @@ def record_results(
     A row already recorded keeps its outcome: a redelivered chunk cannot overwrite the first
     answer, nor audit a row twice. A row marked cancelled while its chunk was in flight gets its
     real outcome. `client_id` and `tenant_id` name the app when no connection is stored.
+    A chunk costs a few statements, whatever its size: a statement per row cost 3 ms of CPU a
+    row, more than anything else a chunk does (issue 11).
     """
-    now = utcnow()
+    by_id = {result.item_id: result for result in results}
     with session_scope(database_url) as session:
-        actor = current_actor(session, client_id=client_id, tenant_id=tenant_id)
-        for result in results:
-            recorded = session.execute(
-                update(_ITEMS)
-                .where(_ITEMS.c.id == result.item_id)
-                .where(or_(_ITEMS.c.outcome.is_(None), _ITEMS.c.outcome == CANCELLED_OUTCOME))
-                .values(
-                    outcome=result.outcome,
-                    success=result.success,
-                    http_status=result.http_status,
-                    code=result.code,
-                    message=result.message,
-                    request_id=result.request_id,
-                    finished_at=now,
+        if by_id:
+            # Locked until the commit where the database locks rows (PostgreSQL), so a chunk
+            # recorded at the same time by another delivery waits, then finds none of them left.
+            recordable = session.execute(
+                sa.select(
+                    _ITEMS.c.id, _ITEMS.c.line, _ITEMS.c.action, _ITEMS.c.user_id, _ITEMS.c.group_id
                 )
-            )
-            if recorded.rowcount == 1:  # type: ignore[attr-defined]
-                _audit(session, batch_id, result, actor)
+                .where(_ITEMS.c.batch_id == batch_id)
+                .where(_ITEMS.c.id.in_(by_id))
+                .where(_RECORDABLE)
+                .order_by(_ITEMS.c.id)
+                .with_for_update()
+            ).all()
+            if recordable:
+                now = utcnow()
+                session.execute(
+                    _RECORD_RESULT, [_result_values(by_id[row.id], now) for row in recordable]
+                )
+                actor = current_actor(session, client_id=client_id, tenant_id=tenant_id)
+                record_membership_changes(
+                    session, [_audit(batch_id, row, by_id[row.id], actor) for row in recordable]
+                )
         _settle(session, batch_id)
 
 
-def _audit(session: Session, batch_id: str, result: ItemResult, actor: Actor) -> None:
-    item = session.get(BatchItem, result.item_id)
-    if item is None:
-        return
+# A row takes an outcome once; a cancelled one still takes the real outcome of its request.
+_RECORDABLE = or_(_ITEMS.c.outcome.is_(None), _ITEMS.c.outcome == CANCELLED_OUTCOME)
+_RECORD_RESULT = (
+    update(_ITEMS)
+    .where(_ITEMS.c.id == sa.bindparam("item_id"))
+    .where(_RECORDABLE)
+    .values(
+        outcome=sa.bindparam("new_outcome"),
+        success=sa.bindparam("new_success"),
+        http_status=sa.bindparam("new_http_status"),
+        code=sa.bindparam("new_code"),
+        message=sa.bindparam("new_message"),
+        request_id=sa.bindparam("new_request_id"),
+        finished_at=sa.bindparam("new_finished_at"),
+    )
+)
+
+
+def _result_values(result: ItemResult, now: datetime) -> dict[str, Any]:
+    return {
+        "item_id": result.item_id,
+        "new_outcome": result.outcome,
+        "new_success": result.success,
+        "new_http_status": result.http_status,
+        "new_code": result.code,
+        "new_message": result.message,
+        "new_request_id": result.request_id,
+        "new_finished_at": now,
+    }
+
+
+def _audit(batch_id: str, row: sa.Row[Any], result: ItemResult, actor: Actor) -> dict[str, Any]:
     failed = not result.success
-    record_membership_change(
-        session,
-        action=ADD_ACTION if item.action == ItemAction.ADD else REMOVE_ACTION,
-        user_id=item.user_id,
-        group_id=item.group_id,
+    return membership_change(
+        action=ADD_ACTION if row.action == ItemAction.ADD else REMOVE_ACTION,
+        user_id=row.user_id,
+        group_id=row.group_id,
         outcome=result.outcome,
         actor=actor,
-        cause=BatchRow(batch_id, item.line),
+        cause=BatchRow(batch_id, row.line),
         request_id=result.request_id,
         error_code=result.code if failed else None,
         error_message=result.message if failed else None,

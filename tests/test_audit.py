@@ -22,7 +22,8 @@ from models.audit import (
     BatchRow,
     FlowStep,
     list_audit_entries,
-    record_membership_change,
+    membership_change,
+    record_membership_changes,
 )
 from models.connections import Connection, ConnectionKind, save_connection
 from models.db import session_scope, utcnow
@@ -240,27 +241,35 @@ def test_a_delivery_that_lost_its_claim_audits_nothing(
 def test_a_batch_row_is_recorded_in_the_callers_transaction(database_url: str) -> None:
     actor = Actor("app", APP_ID, TENANT_ID)
     with session_scope(database_url) as session:
-        record_membership_change(
+        record_membership_changes(
             session,
-            action="remove_member_from_group",
-            user_id=USER,
-            group_id=GROUP,
-            outcome="forbidden",
-            actor=actor,
-            cause=BatchRow("batch-1", 7),
-            request_id="r-403",
-            error_code="Authorization_RequestDenied",
-            error_message="Insufficient privileges",
+            [
+                membership_change(
+                    action="remove_member_from_group",
+                    user_id=USER,
+                    group_id=GROUP,
+                    outcome="forbidden",
+                    actor=actor,
+                    cause=BatchRow("batch-1", 7),
+                    request_id="r-403",
+                    error_code="Authorization_RequestDenied",
+                    error_message="Insufficient privileges",
+                )
+            ],
         )
     with pytest.raises(RuntimeError), session_scope(database_url) as session:
-        record_membership_change(
+        record_membership_changes(
             session,
-            action="add_user_to_group",
-            user_id=USER,
-            group_id=GROUP,
-            outcome="added",
-            actor=actor,
-            cause=BatchRow("batch-1", 8),
+            [
+                membership_change(
+                    action="add_user_to_group",
+                    user_id=USER,
+                    group_id=GROUP,
+                    outcome="added",
+                    actor=actor,
+                    cause=BatchRow("batch-1", 8),
+                )
+            ],
         )
         raise RuntimeError("the batch's own write failed: its audit entry goes with it")
 
@@ -273,14 +282,18 @@ def test_a_batch_row_is_recorded_in_the_callers_transaction(database_url: str) -
 
 def test_only_membership_actions_can_be_audited(database_url: str) -> None:
     with pytest.raises(ValueError, match="lookup_user"), session_scope(database_url) as session:
-        record_membership_change(
+        record_membership_changes(
             session,
-            action="lookup_user",
-            user_id=USER,
-            group_id=None,
-            outcome="added",
-            actor=Actor("app", APP_ID, TENANT_ID),
-            cause=FlowStep("r", "s"),
+            [
+                membership_change(
+                    action="lookup_user",
+                    user_id=USER,
+                    group_id=None,
+                    outcome="added",
+                    actor=Actor("app", APP_ID, TENANT_ID),
+                    cause=FlowStep("r", "s"),
+                )
+            ],
         )
 
 
@@ -296,15 +309,19 @@ def seed(database_url: str) -> None:
     ]
     with session_scope(database_url) as session:
         for user_id, group_id, cause, age in rows:
-            record_membership_change(
+            record_membership_changes(
                 session,
-                action="add_user_to_group",
-                user_id=user_id,
-                group_id=group_id,
-                outcome="added",
-                actor=actor,
-                cause=cause,
-                at=utcnow() - age,
+                [
+                    membership_change(
+                        action="add_user_to_group",
+                        user_id=user_id,
+                        group_id=group_id,
+                        outcome="added",
+                        actor=actor,
+                        cause=cause,
+                        at=utcnow() - age,
+                    )
+                ],
             )
 
 

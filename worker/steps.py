@@ -25,7 +25,13 @@ from sqlmodel import Session, col, select
 from entraflow import keys, metrics
 from entraflow.settings import Settings
 from entraflow.templating import TemplateProblem, evaluate_condition, render_inputs
-from models.audit import MEMBERSHIP_ACTIONS, FlowStep, current_actor, record_membership_change
+from models.audit import (
+    MEMBERSHIP_ACTIONS,
+    FlowStep,
+    current_actor,
+    membership_change,
+    record_membership_changes,
+)
 from models.db import session_scope
 from models.runs import FINAL_STEP_STATUSES, FlowRun, RunStatus, StepRun, StepStatus, utcnow
 from worker.actions import ActionResult
@@ -255,21 +261,25 @@ def _audit(
         return None
 
     def record(session: Session) -> None:
-        record_membership_change(
+        record_membership_changes(
             session,
-            action=context.action,
-            user_id=_text_or_none(inputs.get("user_id")),
-            group_id=_text_or_none(inputs.get("group_id")),
-            outcome=outcome,
-            actor=current_actor(
-                session, client_id=settings.client_id, tenant_id=settings.tenant_id
-            ),
-            cause=FlowStep(context.run_id, context.step_id),
-            event_source=_text_or_none(context.event.get("source")),
-            event_id=_text_or_none(context.event.get("id")),
-            request_id=request_id,
-            error_code=_text_or_none(error.get("code")) if error else None,
-            error_message=_text_or_none(error.get("message")) if error else None,
+            [
+                membership_change(
+                    action=context.action,
+                    user_id=_text_or_none(inputs.get("user_id")),
+                    group_id=_text_or_none(inputs.get("group_id")),
+                    outcome=outcome,
+                    actor=current_actor(
+                        session, client_id=settings.client_id, tenant_id=settings.tenant_id
+                    ),
+                    cause=FlowStep(context.run_id, context.step_id),
+                    event_source=_text_or_none(context.event.get("source")),
+                    event_id=_text_or_none(context.event.get("id")),
+                    request_id=request_id,
+                    error_code=_text_or_none(error.get("code")) if error else None,
+                    error_message=_text_or_none(error.get("message")) if error else None,
+                )
+            ],
         )
 
     return record
