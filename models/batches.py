@@ -81,7 +81,8 @@ class BatchItem(SQLModel, table=True):
 
     __tablename__ = "batch_item"
     __table_args__ = (
-        Index("ix_batch_item_batch_chunk", "batch_id", "chunk"),
+        # A claim's rows: those of a chunk not yet ended (migration 0002).
+        Index("ix_batch_item_batch_chunk_outcome", "batch_id", "chunk", "outcome"),
         Index("ix_batch_item_batch_outcome", "batch_id", "outcome"),
     )
 
@@ -422,16 +423,23 @@ def record_results(
         if by_id:
             # Locked until the commit where the database locks rows (PostgreSQL), so a chunk
             # recorded at the same time by another delivery waits, then finds none of them left.
-            recordable = session.execute(
+            # Found by id alone: with the batch in the condition, SQLite read the batch's every
+            # unfinished row through the (batch, outcome) index.
+            found = session.execute(
                 sa.select(
-                    _ITEMS.c.id, _ITEMS.c.line, _ITEMS.c.action, _ITEMS.c.user_id, _ITEMS.c.group_id
+                    _ITEMS.c.id,
+                    _ITEMS.c.batch_id,
+                    _ITEMS.c.line,
+                    _ITEMS.c.action,
+                    _ITEMS.c.user_id,
+                    _ITEMS.c.group_id,
                 )
-                .where(_ITEMS.c.batch_id == batch_id)
                 .where(_ITEMS.c.id.in_(by_id))
                 .where(_RECORDABLE)
                 .order_by(_ITEMS.c.id)
                 .with_for_update()
             ).all()
+            recordable = [row for row in found if row.batch_id == batch_id]
             if recordable:
                 now = utcnow()
                 session.execute(

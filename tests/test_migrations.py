@@ -100,7 +100,10 @@ def test_a_fresh_sqlite_file_is_migrated_to_the_newest_schema_on_first_use(
 
 def test_a_database_made_by_create_all_before_migrations_is_adopted(tmp_path: Path) -> None:
     engine = create_database_engine(f"sqlite:///{tmp_path / 'old.db'}", for_migrations=True)
-    SQLModel.metadata.create_all(engine)
+    # What `create_all` made then: the initial revision's schema, with no revision recorded.
+    migrations.upgrade(engine, migrations.INITIAL_REVISION)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
 
     migrations.upgrade(engine)
 
