@@ -27,7 +27,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session, create_engine
 
 from entraflow.home import private_database
@@ -40,11 +40,6 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30.0
 # The path SQLite reads as "no file, a database in memory".
 SQLITE_MEMORY = ":memory:"
-# A process keeps one connection to a SQLite file, and its threads take turns on it. SQLite lets
-# one writer in at a time anyway; threads that each held a connection of their own polled for the
-# write lock in SQLite's busy handler, sleeping up to 100 ms a try while it stood free: 32 worker
-# threads applied 13 batch chunks a second, each one waiting seconds (issue 11).
-SQLITE_CONNECTIONS_PER_PROCESS = 1
 
 # SQLSTATE classes that a later try can get past: 08 connection exception, 40 transaction
 # rollback (serialization failure, deadlock), 53 insufficient resources, 57 operator
@@ -128,16 +123,7 @@ def create_database_engine(database_url: str, *, for_migrations: bool = False) -
         if path and path != SQLITE_MEMORY:
             # Before SQLite opens it: its WAL and shared-memory files take the file's mode.
             private_database(Path(path), get_settings().home)
-        pool: dict[str, Any] = {}
-        if for_migrations:
-            pool = {"poolclass": NullPool}
-        elif path and path != SQLITE_MEMORY:
-            pool = {
-                "poolclass": QueuePool,
-                "pool_size": SQLITE_CONNECTIONS_PER_PROCESS,
-                "max_overflow": 0,
-                "pool_timeout": SQLITE_BUSY_TIMEOUT_S,
-            }
+        pool: dict[str, Any] = {"poolclass": NullPool} if for_migrations else {}
         engine = create_engine(
             database_url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
